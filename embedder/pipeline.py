@@ -1,0 +1,145 @@
+"""The face pipeline: image -> faces with embeddings.
+
+detect (boxes) -> landmarks (5 points) -> align (crop the embedder declares)
+-> embed (L2-normalised). Each stage is a backend chosen by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedder import registry
+from embedder.align import align_face
+from embedder.types import Detection, Face
+from embedder.vectors import l2_normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that decides what a pipeline computes; stored in gallery.json
+    so that queries run the same pipeline as the index.
+
+    flip: also embed the mirrored crop and average (about 2x embedding cost).
+    max_faces: keep at most this many faces per image, largest first (None: all).
+    min_face: ignore faces whose box is smaller than this many pixels a side.
+    """
+
+    detector: str = "dlib-hog"
+    landmarks: str = "dlib-5"
+    embedder: str = "dlib-resnet"
+    flip: bool = False
+    max_faces: int | None = None
+    min_face: float = 0.0
+    detector_options: dict[str, Any] = field(default_factory=dict)
+    landmarks_options: dict[str, Any] = field(default_factory=dict)
+    embedder_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown pipeline settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+class FacePipeline:
+    """Detect, align and embed every face of an image.
+
+    >>> pipeline = FacePipeline()              # dlib HOG + dlib-5 + dlib ResNet, offline
+    >>> faces = pipeline(load_image("me.jpg"))  # list[Face], largest face first
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, **overrides: Any) -> None:
+        config = config or PipelineConfig()
+        if overrides:
+            config = PipelineConfig.from_dict({**config.to_dict(), **overrides})
+        if config.max_faces is not None and config.max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1 or None, got {config.max_faces}")
+        self.config = config
+        self.detector = registry.create("detector", config.detector, **config.detector_options)
+        self.landmarker = registry.create("landmarks", config.landmarks, **config.landmarks_options)
+        self.embedder = registry.create("embedder", config.embedder, **config.embedder_options)
+        scheme = self.embedder.crop.scheme
+        if scheme != "canonical5" and getattr(self.landmarker, "scheme", None) != scheme:
+            raise ValueError(
+                f"embedder {config.embedder} aligns on {scheme} keypoints, which landmark backend "
+                f"{config.landmarks} does not give; choose one that does (e.g. dlib-5)"
+            )
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedder.dim)
+
+    # ------------------------------------------------------------------ stages
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Boxes and landmarks of the faces in ``image``, largest first."""
+        detections = [
+            d for d in self.detector.detect(image) if min(d.width, d.height) >= self.config.min_face
+        ]
+        detections.sort(key=lambda d: (-d.area, d.box[0]))
+        if self.config.max_faces is not None:
+            detections = detections[: self.config.max_faces]
+        if not detections:
+            return []
+        return self.landmarker.landmarks(image, detections)
+
+    def crops(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+        """The aligned crops the embedder needs, (N, H, W, 3) uint8."""
+        width, height = self.embedder.crop.size
+        if not detections:
+            return np.zeros((0, height, width, 3), dtype=np.uint8)
+        return np.stack([align_face(image, d, self.embedder.crop) for d in detections])
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) crops -> (N, dim) L2-normalised float32 (flip-averaged if set)."""
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.embedder.embed(crops)
+        if self.config.flip:
+            mirrored = np.ascontiguousarray(crops[:, :, ::-1])
+            vectors = l2_normalize(vectors + self.embedder.embed(mirrored))
+        return vectors
+
+    # ------------------------------------------------------------------ whole
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        return self.batch([image])[0]
+
+    def batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """Faces of many images; the crops of all of them are embedded in one call."""
+        detections = [self.detect(image) for image in images]
+        crops = [self.crops(image, dets) for image, dets in zip(images, detections)]
+        counts = [len(c) for c in crops]
+        if sum(counts) == 0:
+            return [[] for _ in images]
+        vectors = self.embed_crops(np.concatenate([c for c in crops if len(c)]))
+        out: list[list[Face]] = []
+        start = 0
+        for dets, count in zip(detections, counts):
+            out.append([Face(i, d, vectors[start + i]) for i, d in enumerate(dets)])
+            start += count
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Backends, versions and settings, for gallery.json."""
+
+        def stage(backend: Any) -> dict[str, Any]:
+            info = {"name": backend.name, "version": backend.version()}
+            info.update(backend.describe())
+            return info
+
+        return {
+            "config": self.config.to_dict(),
+            "detector": stage(self.detector),
+            "landmarks": stage(self.landmarker),
+            "embedder": {**stage(self.embedder), "dim": self.dim},
+        }

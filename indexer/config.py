@@ -1,0 +1,84 @@
+"""The resolved settings of an index run, stored as ``run.json`` in the gallery."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.images import DEFAULT_MAX_PIXELS
+from embedder.pipeline import PipelineConfig
+
+RUN_FILE = "run.json"
+
+
+class ConfigMismatchError(Exception):
+    """A gallery directory holds a run made with other settings."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What decides a run's output. Worker count and progress do not.
+
+    partition_size: images per Parquet partition; smaller partitions lose less
+        work on interruption, larger ones mean fewer files.
+    limit: index only the first N images of the dataset (a quick run).
+    """
+
+    dataset_root: str
+    format: str
+    split: str = "all"
+    limit: int | None = None
+    partition_size: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dataset_root", str(Path(self.dataset_root).resolve()))
+        if self.partition_size < 1:
+            raise ValueError(f"partition_size must be >= 1, got {self.partition_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pipeline"] = self.pipeline.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = dict(data)
+        data["pipeline"] = PipelineConfig.from_dict(data.get("pipeline", {}))
+        return cls(**data)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_or_write_run_config(gallery_dir: Path, config: RunConfig) -> bool:
+    """Write run.json for a new gallery; for an existing one, check it matches.
+
+    Returns True when resuming an earlier run of the same settings.
+    """
+    path = gallery_dir / RUN_FILE
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigMismatchError(f"{path} is unreadable ({err}); use --overwrite to start afresh") from err
+        ours = config.to_dict()
+        if stored != ours:
+            changed = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+            raise ConfigMismatchError(
+                f"{gallery_dir} holds a run with other settings ({', '.join(changed)} differ); "
+                "rerun with the same settings to resume, or use --overwrite to start afresh"
+            )
+        return True
+    gallery_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, config.to_dict())
+    return False

@@ -1,0 +1,14 @@
+"""Logging setup shared by the command-line tools."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss logs its SIMD probing at INFO; it is noise for users.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    os.environ.setdefault("KMP_WARNINGS", "0")

@@ -1,0 +1,212 @@
+"""Runner: drives reader -> mapper -> writer over the missing partitions.
+
+Rerunning the same command after an interruption (Ctrl-C, kill -9) computes
+only the partitions that have no manifest file yet; the result equals an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from data.records import ImageRecord
+from embedder.pipeline import FacePipeline
+from indexer.build import GalleryBuildError, build_gallery
+from indexer.config import RUN_FILE, RunConfig, check_or_write_run_config
+from indexer.mapper import FaceMapper, MappedImage, init_worker, map_in_worker
+from indexer.reader import Partition, plan_partitions, read_listing
+from indexer.writer import FAILURES_DIR, MANIFEST_DIR, clean_temporaries, manifest_parts, row_count, write_partition
+
+log = logging.getLogger(__name__)
+
+#: Images per task sent to a worker: their crops are embedded in one call.
+TASK_IMAGES = 4
+
+
+class IndexRunError(Exception):
+    """The run could not go on; completed partitions are kept."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    gallery_dir: str
+    images: int
+    partitions: int
+    partitions_done_before: int
+    partitions_written: int
+    images_processed: int
+    faces_written: int
+    failures_written: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def _chunks(records: Sequence[ImageRecord], size: int) -> Iterator[tuple[ImageRecord, ...]]:
+    for start in range(0, len(records), size):
+        yield tuple(records[start : start + size])
+
+
+def _ordered(
+    submit: Callable[[tuple[ImageRecord, ...]], Future], tasks: Iterable[tuple[ImageRecord, ...]], window: int
+) -> Iterator[list[MappedImage]]:
+    """Submit tasks keeping at most ``window`` in flight; yield results in order.
+    Memory stays bounded whatever the dataset's size."""
+    pending: deque[Future] = deque()
+    for task in tasks:
+        pending.append(submit(task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _progress(total: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, smoothing=0.1, dynamic_ncols=True, desc="indexing")
+
+
+def run_index(
+    config: RunConfig,
+    gallery_dir: str | os.PathLike[str],
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    build: bool = True,
+    index_type: str = "flat",
+) -> RunSummary:
+    """Index ``config``'s dataset into ``gallery_dir``, resuming an earlier run.
+
+    workers: worker processes for decode/detect/embed (default: the core
+        count; 0 runs everything in this process, for debugging).
+    overwrite: discard what the gallery directory holds from another run.
+    build: build the FAISS index and gallery.json at the end.
+    """
+    out = Path(gallery_dir)
+    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if overwrite and out.exists():
+        for name in (MANIFEST_DIR, FAILURES_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (RUN_FILE, "gallery.json", "index.faiss"):
+            (out / name).unlink(missing_ok=True)
+    # Fail fast on bad settings (unknown backends) before touching the disk.
+    pipeline = FacePipeline(config.pipeline)
+    listing = read_listing(config)
+    resumed = check_or_write_run_config(out, config)
+    clean_temporaries(out)
+
+    partitions = plan_partitions(listing.records, config.partition_size)
+    done = {p.stem for p in manifest_parts(out)}
+    todo = [p for p in partitions if p.name not in done]
+    if resumed:
+        log.info("resuming: %d of %d partitions already done", len(partitions) - len(todo), len(partitions))
+    log.info(
+        "indexing %d images of %s (%s) into %s: %d partitions of up to %d, %d workers",
+        len(listing.records), listing.root, listing.format, out, len(partitions), config.partition_size, workers,
+    )
+
+    start = time.perf_counter()
+    faces_written = failures_written = processed = 0
+    face_ids = _FaceIds(out, partitions)
+    bar = _progress(len(listing.records), progress)
+    bar.update(sum(len(p.records) for p in partitions if p.name in done))
+    executor = None
+    try:
+        if workers == 0:
+            mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
+
+            def submit(task: tuple[ImageRecord, ...]) -> Future:
+                future: Future = Future()
+                future.set_result(mapper(task))
+                return future
+
+        else:
+            executor = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(listing.root, config.pipeline, config.max_pixels),
+            )
+
+            def submit(task: tuple[ImageRecord, ...]) -> Future:
+                return executor.submit(map_in_worker, task)
+
+        results = _ordered(submit, (t for p in todo for t in _chunks(p.records, TASK_IMAGES)), window=max(4, workers * 4))
+        for part in todo:
+            rows, failures = [], []
+            remaining = len(part.records)
+            while remaining > 0:
+                batch = next(results)
+                for mapped in batch:
+                    rows.extend(mapped.faces)
+                    if mapped.failure is not None:
+                        failures.append(mapped.failure)
+                remaining -= len(batch)
+                processed += len(batch)
+                bar.update(len(batch))
+            first_face_id = face_ids.first(part.index)
+            write_partition(out, part.name, rows, failures, first_face_id, pipeline.dim)
+            face_ids.written(part.index, len(rows))
+            faces_written += len(rows)
+            failures_written += len(failures)
+            log.debug("wrote %s: %d faces, %d failures", part.name, len(rows), len(failures))
+    except BrokenProcessPool as err:
+        raise IndexRunError(
+            "a worker process died (out of memory, or a crash in native code); completed partitions are kept: "
+            "rerun the same command to resume"
+        ) from err
+    except KeyboardInterrupt:
+        log.warning("interrupted: completed partitions are kept; rerun the same command to resume")
+        raise
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    seconds = time.perf_counter() - start
+    if processed:
+        log.info("processed %d images in %.1f s (%.2f images/s)", processed, seconds, processed / seconds)
+    if build:
+        try:
+            build_gallery(out, index_type=index_type, listing=listing)
+        except GalleryBuildError:
+            raise
+    summary = RunSummary(
+        gallery_dir=str(out), images=len(listing.records), partitions=len(partitions),
+        partitions_done_before=len(partitions) - len(todo), partitions_written=len(todo),
+        images_processed=processed, faces_written=faces_written, failures_written=failures_written, seconds=seconds,
+    )
+    return summary
+
+
+class _FaceIds:
+    """Face ids continue from the partitions before: partitions are written in
+    order, so those are complete (build re-checks contiguity)."""
+
+    def __init__(self, out: Path, partitions: Sequence[Partition]) -> None:
+        self.counts: dict[int, int] = {}
+        for part in partitions:
+            path = out / MANIFEST_DIR / f"{part.name}.parquet"
+            if path.exists():
+                self.counts[part.index] = row_count(path)
+
+    def first(self, index: int) -> int:
+        return sum(n for i, n in self.counts.items() if i < index)
+
+    def written(self, index: int, rows: int) -> None:
+        self.counts[index] = rows
