@@ -54,13 +54,12 @@ def make_index(index_type: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any
         settings = {"M": 32, "efConstruction": 200, "efSearch": 128}
     elif index_type == "ivf":
         nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         if n:
-            index.train(vectors)
-        index.nprobe = max(1, nlist // 8)
-        settings = {"nlist": nlist, "nprobe": index.nprobe}
-        index._quantizer = quantizer  # keep the quantizer alive with the index
+            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = max(1, nlist // 8)
+        settings = {"nlist": nlist, "nprobe": ivf.nprobe}
     else:
         raise GalleryBuildError(f"unknown index type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
     if n:

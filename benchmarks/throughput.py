@@ -1,0 +1,94 @@
+"""Images/s and peak memory of ``face-index run`` on real CelebA and LFW images.
+
+Usage: python benchmarks/throughput.py [--images 500] [--workers 1 2] [--out bench-out/throughput.json]
+
+Each configuration runs the real command in a fresh process. "images/s" is
+the indexer's own processing rate (decode -> detect -> landmarks -> embed ->
+write), "wall" adds process and model start-up and the FAISS build. Peak
+memory is the largest sum of RSS over the command's process tree, sampled
+every 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FACESEARCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _tree_rss(pid: int) -> int:
+    """Sum of RSS (bytes) of pid and all its descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as handle:
+                    stack.extend(int(c) for c in handle.read().split())
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def run_once(dataset: str, fmt: str, extra: list[str], images: int, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "indexer.cli", "run", dataset, "--format", fmt, *extra, "--limit", str(images),
+               "--workers", str(workers), "--no-progress", "--out", f"{tmp}/g"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        log = proc.stderr.read()
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{log[-3000:]}")
+        rate = float(re.search(r"\(([\d.]+) images/s\)", log).group(1))
+        info = json.loads(Path(f"{tmp}/g/gallery.json").read_text())
+    counts = info["counts"]
+    return {"images": images, "workers": workers, "images_per_s": rate, "wall_s": round(wall, 1),
+            "peak_rss_mib": round(peak / 2**20), "faces": counts["faces"], "no_face": counts["no_face"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default="bench-out/throughput.json")
+    args = parser.parse_args()
+    datasets = [
+        ("CelebA test crops", str(SHARED / "celeba"), "celeba", ["--split", "test"]),
+        ("LFW", str(SHARED / "lfw"), "lfw", []),
+    ]
+    rows = []
+    for label, root, fmt, extra in datasets:
+        for workers in args.workers:
+            row = {"dataset": label, **run_once(root, fmt, extra, args.images, workers)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print("\n| dataset | images | workers | images/s | wall s | peak RSS MiB | faces | no face |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dataset']} | {r['images']} | {r['workers']} | {r['images_per_s']:.2f} | {r['wall_s']} | "
+              f"{r['peak_rss_mib']} | {r['faces']} | {r['no_face']} |")
+
+
+if __name__ == "__main__":
+    main()

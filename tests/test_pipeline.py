@@ -1,0 +1,63 @@
+"""The pipeline's registry, laziness, empty inputs and batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.images import load_image
+from embedder import FacePipeline, UnknownBackendError, available, create, register
+from tests.conftest import CELEBA, PHOTOS
+
+
+def test_registry_lists_and_rejects_names():
+    assert {"dlib-hog", "dlib-cnn"} <= set(available("detector"))
+    assert {"dlib-5", "dlib-68"} <= set(available("landmarks"))
+    assert "dlib-resnet" in available("embedder")
+    with pytest.raises(UnknownBackendError, match="unknown embedder backend 'facenet'; available: .*dlib-resnet"):
+        create("embedder", "facenet")
+
+
+def test_models_load_lazily():
+    pipeline = FacePipeline()
+    assert pipeline.detector._model is None and pipeline.embedder._model is None
+    assert pipeline.describe()["embedder"]["dim"] == 128  # describing loads nothing either
+    assert pipeline.embedder._model is None
+
+
+def test_empty_in_empty_out():
+    pipeline = FacePipeline()
+    assert pipeline(np.zeros((100, 100, 3), np.uint8)) == []
+    assert pipeline.batch([]) == []
+    assert pipeline.embed_crops(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 128)
+    assert pipeline.detect(np.zeros((0, 0, 3), np.uint8)) == []
+
+
+def test_mismatched_landmarks_are_refused():
+    @register("landmarks", "test-canonical-only")
+    class CanonicalOnly:  # gives LANDMARK_NAMES points but no dlib-5 keypoints
+        name = "test-canonical-only"
+        scheme = None
+
+    with pytest.raises(ValueError, match="aligns on dlib5 keypoints"):
+        FacePipeline(landmarks="test-canonical-only")
+    # dlib-68 gives dlib5-compatible keypoints, so it pairs with dlib-resnet.
+    assert FacePipeline(landmarks="dlib-68").embedder.crop.scheme == "dlib5"
+
+
+@pytest.mark.needs_data
+def test_batch_equals_single_and_flip_differs():
+    pipeline = FacePipeline()
+    images = [load_image(CELEBA / "img_align_celeba" / n) for n in ("182638.jpg", "182639.jpg")]
+    images.append(load_image(PHOTOS / "group1.jpg"))
+    batched = pipeline.batch(images)
+    assert [len(f) for f in batched][:2] == [1, 1] and len(batched[2]) >= 3
+    for image, faces in zip(images, batched):
+        single = pipeline(image)
+        for a, b in zip(single, faces):
+            np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+            assert a.box == b.box
+    flipped = FacePipeline(flip=True)(images[0])[0].embedding
+    plain = batched[0][0].embedding
+    assert abs(np.linalg.norm(flipped) - 1) < 1e-5
+    assert 0.9 < float(flipped @ plain) < 0.99999

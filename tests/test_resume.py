@@ -1,0 +1,77 @@
+"""An index run killed with SIGKILL midway resumes to exactly the clean result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import CELEBA
+
+pytestmark = pytest.mark.needs_data
+
+
+def _cmd(out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "indexer.cli", "run", str(CELEBA), "--format", "celeba", "--split", "test",
+        "--limit", "60", "--partition-size", "10", "--workers", "1", "--no-progress", "--out", str(out),
+    ]
+
+
+def _table(out: Path, folder: str):
+    return pq.read_table(out / folder).to_pydict()
+
+
+def test_sigkill_then_rerun_equals_clean_run(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed), cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if len(list((killed / "manifest").glob("part-*.parquet"))) >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes
+    proc.wait(timeout=30)
+    done_at_kill = len(list((killed / "manifest").glob("part-*.parquet")))
+    assert 2 <= done_at_kill < 6, "the kill did not land midway"
+    assert not (killed / "gallery.json").exists()
+
+    rerun = subprocess.run(_cmd(killed), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_at_kill} already done" in rerun.stderr
+
+    clean = tmp_path / "clean"
+    fresh = subprocess.run(_cmd(clean), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+    for folder in ("manifest", "failures"):
+        assert _table(killed, folder) == _table(clean, folder)
+    rows = _table(clean, "manifest")
+    assert rows["face_id"] == list(range(len(rows["face_id"])))
+    assert len(set(zip(rows["path"], rows["face_index"]))) == len(rows["path"])  # no duplicates
+    assert not list(killed.rglob(".*.tmp-*"))  # no temporary left behind
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = tmp_path / "g"
+    first = subprocess.run(_cmd(out)[:-2] + ["--limit", "5", "--out", str(out)], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = subprocess.run(_cmd(out)[:-2] + ["--limit", "6", "--out", str(out)], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1
+    assert "Error: " in other.stderr and "limit differ" in other.stderr and "--overwrite" in other.stderr
+    assert "Traceback" not in other.stderr
