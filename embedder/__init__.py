@@ -3,6 +3,7 @@
 Plain functions for the common case; :class:`FacePipeline` for control.
 """
 
+from embedder.api import cosine_similarity, face_detections, face_embeddings, face_landmarks, face_locations
 from embedder.align import ARCFACE_112, AlignTemplate, align_face, estimate_similarity
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.registry import UnknownBackendError, available, create, register
@@ -18,6 +19,11 @@ __all__ = [
     "PipelineConfig",
     "UnknownBackendError",
     "align_face",
+    "cosine_similarity",
+    "face_detections",
+    "face_embeddings",
+    "face_landmarks",
+    "face_locations",
     "available",
     "create",
     "estimate_similarity",

@@ -127,6 +127,10 @@ _WORKER_MAPPER: FaceMapper | None = None
 
 def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
     global _WORKER_MAPPER
+    import signal
+
+    # Ctrl-C is the parent's to handle: it stops the pool and keeps finished partitions.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker runs one image at a time: keep native thread pools to one thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER_MAPPER = FaceMapper(root, pipeline, max_pixels)

@@ -96,7 +96,8 @@ def run_index(
     build: build the FAISS index and gallery.json at the end.
     """
     out = Path(gallery_dir)
-    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers is None:
+        workers = os.cpu_count() or 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if overwrite and out.exists():
@@ -107,6 +108,8 @@ def run_index(
     # Fail fast on bad settings (unknown backends) before touching the disk.
     pipeline = FacePipeline(config.pipeline)
     listing = read_listing(config)
+    if not listing.records:
+        raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
     resumed = check_or_write_run_config(out, config)
     clean_temporaries(out)
 

@@ -61,3 +61,19 @@ def test_batch_equals_single_and_flip_differs():
     plain = batched[0][0].embedding
     assert abs(np.linalg.norm(flipped) - 1) < 1e-5
     assert 0.9 < float(flipped @ plain) < 0.99999
+
+
+@pytest.mark.needs_data
+def test_plain_functions():
+    from embedder import cosine_similarity, face_embeddings, face_landmarks, face_locations
+
+    blank = np.zeros((80, 80, 3), np.uint8)
+    assert face_locations(blank) == [] and face_landmarks(blank) == []
+    assert face_embeddings(blank).shape == (0, 128)
+    assert cosine_similarity(np.zeros((0, 128)), np.ones(128)).shape == (0,)
+    group = load_image(PHOTOS / "group1.jpg")
+    boxes = face_locations(group)
+    vectors = face_embeddings(group)
+    assert len(boxes) == len(vectors) == len(face_landmarks(group)) >= 3
+    sims = cosine_similarity(vectors, vectors[0])
+    assert sims.argmax() == 0 and abs(sims[0] - 1) < 1e-5

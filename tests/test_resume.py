@@ -75,3 +75,27 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert other.returncode == 1
     assert "Error: " in other.stderr and "limit differ" in other.stderr and "--overwrite" in other.stderr
     assert "Traceback" not in other.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = tmp_path / "g"
+    cmd = _cmd(out)[:-2] + ["--limit", "30", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "manifest").glob("part-*.parquet")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C landed")
+    assert proc.returncode == 1 and "interrupted; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    rerun = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = pq.read_table(out / "manifest").to_pydict()
+    assert rows["face_id"] == list(range(len(rows["face_id"])))
+    info = (out / "gallery.json").read_text()
+    assert '"images": 30' in info
