@@ -77,3 +77,14 @@ def test_plain_functions():
     assert len(boxes) == len(vectors) == len(face_landmarks(group)) >= 3
     sims = cosine_similarity(vectors, vectors[0])
     assert sims.argmax() == 0 and abs(sims[0] - 1) < 1e-5
+
+
+@pytest.mark.needs_data
+def test_dlib68_measures_what_dlib5_estimates():
+    image = load_image(CELEBA / "img_align_celeba" / "000001.jpg")
+    official = np.array([(69, 109), (106, 113), (77, 142), (73, 152), (108, 154)], float)
+    (face68,) = FacePipeline(landmarks="dlib-68").detect(image)
+    (face5,) = FacePipeline().detect(image)
+    assert np.abs(face68.landmarks - official).max() < 6
+    assert np.abs(face68.landmarks - face5.landmarks).max() < 12
+    assert np.abs(face68.keypoints - face5.keypoints).max() < 6  # dlib-5-compatible chip points

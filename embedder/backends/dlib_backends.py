@@ -209,13 +209,19 @@ class Dlib5Landmarks(_Lazy):
         return _dlib().shape_predictor(model_path("shape_predictor_5_face_landmarks.dat"))
 
     def landmarks(self, image: np.ndarray, detections: Sequence[Detection]) -> list[Detection]:
-        predictor = self._get() if detections else None
+        if not detections:
+            return []
+        predictor = self._get()
         out = []
         for det in detections:
-            shape = predictor(image, _rect(det.box))
-            parts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            out.append(det.replace(landmarks=dlib5_to_canonical(parts), keypoints=parts, keypoint_scheme=self.scheme))
+            parts = np.array([(p.x, p.y) for p in predictor(image, _rect(det.box)).parts()], dtype=np.float64)
+            canonical, keypoints = self._convert(parts)
+            out.append(det.replace(landmarks=canonical, keypoints=keypoints, keypoint_scheme=self.scheme))
         return out
+
+    def _convert(self, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(canonical landmarks, dlib-5 keypoints) from the predictor's parts."""
+        return dlib5_to_canonical(parts), parts
 
     def version(self) -> str:
         return f"dlib {_dlib_version()} shape_predictor_5_face_landmarks"
@@ -234,16 +240,10 @@ class Dlib68Landmarks(Dlib5Landmarks):
     def _load(self) -> Any:
         return _dlib().shape_predictor(model_path("shape_predictor_68_face_landmarks.dat"))
 
-    def landmarks(self, image: np.ndarray, detections: Sequence[Detection]) -> list[Detection]:
-        predictor = self._get() if detections else None
-        out = []
-        for det in detections:
-            p = np.array([(q.x, q.y) for q in predictor(image, _rect(det.box)).parts()], dtype=np.float64)
-            canonical = np.array([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
-            out.append(
-                det.replace(landmarks=canonical, keypoints=p[list(DLIB68_TO_DLIB5)], keypoint_scheme=self.scheme)
-            )
-        return out
+    def _convert(self, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = parts
+        canonical = np.array([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
+        return canonical, p[list(DLIB68_TO_DLIB5)]
 
     def version(self) -> str:
         return f"dlib {_dlib_version()} shape_predictor_68_face_landmarks"
