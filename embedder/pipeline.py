@@ -52,6 +52,12 @@ class PipelineConfig:
         return cls(**data)
 
 
+def _options(backend: Any) -> dict[str, Any]:
+    """The constructor options a backend reports through ``options()``, if any."""
+    options = getattr(backend, "options", None)
+    return dict(options()) if callable(options) else {}
+
+
 class FacePipeline:
     """Detect, align and embed every face of an image.
 
@@ -100,6 +106,17 @@ class FacePipeline:
             return np.zeros((0, height, width, 3), dtype=np.uint8)
         return np.stack([align_face(image, d, self.embedder.crop) for d in detections])
 
+    def prepare(self, image: np.ndarray) -> tuple[list[Detection], np.ndarray]:
+        """The CPU stages for one image: detections (with landmarks) and their crops."""
+        detections = self.detect(image)
+        return detections, self.crops(image, detections)
+
+    @property
+    def embeds_in_batches(self) -> bool:
+        """True when the embedder gains from large batches in one process (torch,
+        GPU): the indexer then embeds in its main process, workers stop at crops."""
+        return bool(getattr(self.embedder, "batched", False))
+
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) crops -> (N, dim) L2-normalised float32 (flip-averaged if set)."""
         if len(crops) == 0:
@@ -128,6 +145,18 @@ class FacePipeline:
             out.append([Face(i, d, vectors[start + i]) for i, d in enumerate(dets)])
             start += count
         return out
+
+    def resolved_config(self) -> PipelineConfig:
+        """This pipeline's config with every backend option spelled out, so that
+        a gallery keeps its settings when a backend's defaults change."""
+        return PipelineConfig.from_dict(
+            {
+                **self.config.to_dict(),
+                "detector_options": {**_options(self.detector), **self.config.detector_options},
+                "landmarks_options": {**_options(self.landmarker), **self.config.landmarks_options},
+                "embedder_options": {**_options(self.embedder), **self.config.embedder_options},
+            }
+        )
 
     def describe(self) -> dict[str, Any]:
         """Backends, versions and settings, for gallery.json."""

@@ -45,7 +45,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--landmarks", default="dlib-5", show_default=True, help="Landmark backend.")
 @click.option("--embedder", "embedder_name", default="dlib-resnet", show_default=True, help="Embedder backend.")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Average with the mirrored face's embedding.")
-@click.option("--upsample", default="auto", show_default=True, help="Detector upsampling: auto or 0, 1, 2 (finds smaller faces, slower).")
+@click.option("--upsample", default=None, help="Detector upsampling: adaptive, always-small, or 0, 1, 2 (finds smaller faces, slower) [default: the detector's].")
 @click.option("--max-side", type=click.IntRange(min=64), default=None, help="Detect on a copy at most this many pixels a side.")
 @click.option("--max-faces", type=click.IntRange(min=1), default=None, help="Keep at most N faces per image, largest first.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images.")
@@ -66,10 +66,10 @@ def run(
         face-index run ../shared/data/celeba --format celeba --limit 300 --out /tmp/gallery
     """
     detector_options: dict[str, object] = {}
-    if upsample != "auto":
-        if not upsample.isdigit():
-            raise click.BadParameter("must be auto or a whole number", param_hint="--upsample")
-        detector_options["upsample"] = int(upsample)
+    if upsample is not None:
+        if not (upsample.isdigit() or upsample in ("adaptive", "always-small")):
+            raise click.BadParameter("must be adaptive, always-small or a whole number", param_hint="--upsample")
+        detector_options["upsample"] = int(upsample) if upsample.isdigit() else upsample
     if max_side is not None:
         detector_options["max_side"] = max_side
     pipeline = PipelineConfig(

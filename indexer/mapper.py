@@ -16,7 +16,7 @@ import numpy as np
 from data.images import ImageLoadError, load_image
 from data.records import ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
-from embedder.types import Face
+from embedder.types import Detection, Face
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,18 @@ class MappedImage:
     failure: Failure | None
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image after the CPU stages: its detections and aligned crops, not yet
+    embedded. Workers send these to the process that runs the embedder."""
+
+    record: ImageRecord
+    shape: tuple[int, int]
+    detections: tuple[Detection, ...]
+    crops: np.ndarray
+    failure: Failure | None = None
+
+
 def _failure(record: ImageRecord, stage: str, reason: str) -> MappedImage:
     return MappedImage(record, (), Failure(record.path, record.identity, record.split, stage, reason))
 
@@ -77,7 +89,9 @@ def _rows(record: ImageRecord, faces: Sequence[Face], shape: tuple[int, ...]) ->
 class FaceMapper:
     """Turns batches of records into MappedImage results with one pipeline.
 
-    The pipeline (and its models) is built on first use in each process.
+    ``prepare`` runs the CPU stages (decode, detect, landmarks, crops) and
+    ``finish`` embeds the crops of many images in one call; ``__call__`` does
+    both. The pipeline (and its models) is built on first use in each process.
     """
 
     def __init__(self, root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
@@ -93,32 +107,58 @@ class FaceMapper:
         return self._pipeline
 
     def __call__(self, records: Sequence[ImageRecord]) -> list[MappedImage]:
-        results: list[MappedImage | None] = [None] * len(records)
-        images: list[np.ndarray] = []
-        slots: list[int] = []
-        for i, record in enumerate(records):
-            try:
-                images.append(load_image(os.path.join(self.root, record.path), self.max_pixels))
-                slots.append(i)
-            except ImageLoadError as err:
-                results[i] = _failure(record, "load", err.reason)
-        try:
-            batches = self.pipeline.batch(images)
-        except Exception:  # one bad image must not sink the batch: isolate it
-            batches = [self._one(records[i], image) for i, image in zip(slots, images)]
-        for i, image, faces in zip(slots, images, batches):
-            if isinstance(faces, MappedImage):
-                results[i] = faces
-            else:
-                results[i] = _rows(records[i], faces, image.shape)
-        return [r for r in results if r is not None]
+        return self.finish(self.prepare(records))
 
-    def _one(self, record: ImageRecord, image: np.ndarray) -> list[Face] | MappedImage:
+    def prepare(self, records: Sequence[ImageRecord]) -> list[PreparedImage]:
+        return [self._prepare_one(record) for record in records]
+
+    def _prepare_one(self, record: ImageRecord) -> PreparedImage:
+        empty = np.zeros((0, 1, 1, 3), np.uint8)
         try:
-            return self.pipeline(image)
+            image = load_image(os.path.join(self.root, record.path), self.max_pixels)
+        except ImageLoadError as err:
+            return PreparedImage(record, (0, 0), (), empty, _failure(record, "load", err.reason).failure)
+        try:
+            detections, crops = self.pipeline.prepare(image)
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure
-            log.warning("face pipeline failed on %s: %s", record.path, err, exc_info=True)
-            return _failure(record, "embed", f"{type(err).__name__}: {err}")
+            log.warning("face detection failed on %s: %s", record.path, err, exc_info=True)
+            return PreparedImage(record, image.shape[:2], (), empty,
+                                 _failure(record, "detect", f"{type(err).__name__}: {err}").failure)
+        return PreparedImage(record, image.shape[:2], tuple(detections), crops)
+
+    def finish(self, prepared: Sequence[PreparedImage]) -> list[MappedImage]:
+        """Embed the crops of all ``prepared`` images in one call; rows in order."""
+        with_faces = [p for p in prepared if p.failure is None and len(p.detections)]
+        embedded: dict[int, np.ndarray | MappedImage] = {}
+        if with_faces:
+            try:
+                vectors = self.pipeline.embed_crops(np.concatenate([p.crops for p in with_faces]))
+            except Exception:  # noqa: BLE001 - one bad crop must not sink the batch: isolate it
+                embedded = {id(p): self._embed_one(p) for p in with_faces}
+            else:
+                start = 0
+                for p in with_faces:
+                    embedded[id(p)] = vectors[start : start + len(p.detections)]
+                    start += len(p.detections)
+        out = []
+        for p in prepared:
+            if p.failure is not None:
+                out.append(MappedImage(p.record, (), p.failure))
+                continue
+            got = embedded.get(id(p))
+            if isinstance(got, MappedImage):
+                out.append(got)
+                continue
+            faces = [Face(i, d, got[i]) for i, d in enumerate(p.detections)] if got is not None else []
+            out.append(_rows(p.record, faces, p.shape))
+        return out
+
+    def _embed_one(self, prepared: PreparedImage) -> np.ndarray | MappedImage:
+        try:
+            return self.pipeline.embed_crops(prepared.crops)
+        except Exception as err:  # noqa: BLE001 - recorded as the image's failure
+            log.warning("embedding failed on %s: %s", prepared.record.path, err, exc_info=True)
+            return _failure(prepared.record, "embed", f"{type(err).__name__}: {err}")
 
 
 # Worker-process state: one mapper per process, set by the pool initializer.
@@ -137,6 +177,14 @@ def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
 
 
 def map_in_worker(records: Sequence[ImageRecord]) -> list[MappedImage]:
+    """Every stage, embedding included, in the worker."""
     if _WORKER_MAPPER is None:  # pragma: no cover - misuse
         raise RuntimeError("worker not initialised")
     return _WORKER_MAPPER(records)
+
+
+def prepare_in_worker(records: Sequence[ImageRecord]) -> list[PreparedImage]:
+    """The CPU stages only; the caller embeds the crops in batches."""
+    if _WORKER_MAPPER is None:  # pragma: no cover - misuse
+        raise RuntimeError("worker not initialised")
+    return _WORKER_MAPPER.prepare(records)

@@ -7,6 +7,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -23,14 +24,16 @@ from data.records import ImageRecord
 from embedder.pipeline import FacePipeline
 from indexer.build import GalleryBuildError, build_gallery
 from indexer.config import RUN_FILE, RunConfig, check_or_write_run_config
-from indexer.mapper import FaceMapper, MappedImage, init_worker, map_in_worker
+from indexer.mapper import FaceMapper, MappedImage, PreparedImage, init_worker, map_in_worker, prepare_in_worker
 from indexer.reader import Partition, plan_partitions, read_listing
 from indexer.writer import FAILURES_DIR, MANIFEST_DIR, clean_temporaries, manifest_parts, row_count, write_partition
 
 log = logging.getLogger(__name__)
 
-#: Images per task sent to a worker: their crops are embedded in one call.
+#: Images per task sent to a worker.
 TASK_IMAGES = 4
+#: Faces per embedding call when the main process embeds (batched embedders).
+EMBED_BATCH = 64
 
 
 class IndexRunError(Exception):
@@ -105,8 +108,10 @@ def run_index(
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (RUN_FILE, "gallery.json", "index.faiss"):
             (out / name).unlink(missing_ok=True)
-    # Fail fast on bad settings (unknown backends) before touching the disk.
+    # Fail fast on bad settings (unknown backends) before touching the disk, and
+    # record every backend option as resolved now (defaults may change later).
     pipeline = FacePipeline(config.pipeline)
+    config = dataclasses.replace(config, pipeline=pipeline.resolved_config())
     listing = read_listing(config)
     if not listing.records:
         raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
@@ -129,13 +134,16 @@ def run_index(
     bar = _progress(len(listing.records), progress)
     bar.update(sum(len(p.records) for p in partitions if p.name in done))
     executor = None
+    main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
+    # Batched embedders (torch) run in this process on whole batches of crops;
+    # workers stop at the crops. Others (dlib) embed inside each worker.
+    split_embedding = workers > 0 and pipeline.embeds_in_batches
     try:
         if workers == 0:
-            mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
 
             def submit(task: tuple[ImageRecord, ...]) -> Future:
                 future: Future = Future()
-                future.set_result(mapper(task))
+                future.set_result(main_mapper(task))
                 return future
 
         else:
@@ -145,20 +153,33 @@ def run_index(
                 initializer=init_worker,
                 initargs=(listing.root, config.pipeline, config.max_pixels),
             )
+            work = prepare_in_worker if split_embedding else map_in_worker
 
             def submit(task: tuple[ImageRecord, ...]) -> Future:
-                return executor.submit(map_in_worker, task)
+                return executor.submit(work, task)
 
-        results = _ordered(submit, (t for p in todo for t in _chunks(p.records, TASK_IMAGES)), window=max(4, workers * 4))
+        window = max(4, workers * 4, (2 * EMBED_BATCH // TASK_IMAGES) if split_embedding else 0)
+        results = _ordered(submit, (t for p in todo for t in _chunks(p.records, TASK_IMAGES)), window=window)
         for part in todo:
             rows, failures = [], []
-            remaining = len(part.records)
-            while remaining > 0:
-                batch = next(results)
-                for mapped in batch:
+            buffer: list[PreparedImage] = []
+
+            def collect(mapped_images: list[MappedImage]) -> None:
+                for mapped in mapped_images:
                     rows.extend(mapped.faces)
                     if mapped.failure is not None:
                         failures.append(mapped.failure)
+
+            remaining = len(part.records)
+            while remaining > 0:
+                batch = next(results)
+                if split_embedding:
+                    buffer.extend(batch)
+                    if sum(len(p.detections) for p in buffer) >= EMBED_BATCH or remaining == len(batch):
+                        collect(main_mapper.finish(buffer))
+                        buffer = []
+                else:
+                    collect(batch)
                 remaining -= len(batch)
                 processed += len(batch)
                 bar.update(len(batch))

@@ -27,6 +27,8 @@ def test_gallery_layout_and_ids(celeba_gallery):
     assert info["embedding_dim"] == 128 and info["metric"] == "cosine"
     assert info["pipeline"]["embedder"]["name"] == "dlib-resnet"
     assert info["counts"]["images"] == 300
+    # Backend options are stored resolved, so later default changes cannot alter the gallery's pipeline.
+    assert set(info["pipeline"]["config"]["detector_options"]) == {"upsample", "max_side", "min_score"}
     assert info["counts"]["faces"] == summary.faces_written >= 280
     manifest = pq.read_table(out / "manifest")
     assert manifest.column("face_id").to_pylist() == list(range(manifest.num_rows))

@@ -88,44 +88,69 @@ def _rect_to_box(rect: Any, scale: float) -> tuple[float, float, float, float]:
 
 class _ScaledDetector(_Lazy):
     """Shared resize policy: detect on a copy whose longer side is at most
-    ``max_side`` (fast on big photos); upsample small images so that faces
-    below the detector's native size are found."""
+    ``max_side`` (fast on big photos), and upsample small images so that faces
+    below the detector's native 80 px window are found.
+
+    upsample:
+      - an integer: always upsample that many times (each x2 finds faces half
+        as small, at about 4x the cost);
+      - "always-small": once for images of at most ``small_side`` px, never
+        for larger ones;
+      - "adaptive": first without upsampling, then once more upsampled only if
+        a small image gave no face. Skips the upsampling cost for small
+        images holding a large face (CelebA crops, LFW), at the risk of
+        missing a second, small face in them.
+    """
 
     native_face_px = 80
+    small_side = 800
+    POLICIES = ("adaptive", "always-small")
 
-    def __init__(self, upsample: int | str = "auto", max_side: int = 1280, min_score: float = 0.0) -> None:
+    def __init__(self, upsample: int | str = "always-small", max_side: int = 1280, min_score: float = 0.0) -> None:
         super().__init__()
-        if upsample != "auto" and (not isinstance(upsample, int) or upsample < 0):
-            raise ValueError(f"upsample must be 'auto' or an integer >= 0, got {upsample!r}")
+        if upsample == "auto":  # the name of "always-small" in galleries built before "adaptive"
+            upsample = "always-small"
+        if upsample not in self.POLICIES and (isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 0):
+            raise ValueError(f"upsample must be one of {', '.join(self.POLICIES)} or an integer >= 0, got {upsample!r}")
         if max_side < 64:
             raise ValueError(f"max_side must be >= 64, got {max_side}")
         self.upsample = upsample
         self.max_side = int(max_side)
         self.min_score = float(min_score)
 
-    def _plan(self, image: np.ndarray) -> tuple[float, int]:
-        """(downscale factor, upsample count) for this image."""
+    def _plan(self, image: np.ndarray) -> tuple[float, list[int]]:
+        """(downscale factor, upsample counts to try in turn) for this image."""
         longer = max(image.shape[:2])
         scale = min(1.0, self.max_side / longer)
-        if self.upsample != "auto":
-            return scale, int(self.upsample)
-        # Small images: faces may be under the native 80 px window; large ones
-        # are dominated by the cost of upsampling.
-        return scale, 1 if longer * scale <= 800 else 0
+        small = longer * scale <= self.small_side
+        if self.upsample == "always-small":
+            return scale, [1 if small else 0]
+        if self.upsample == "adaptive":
+            return scale, [0, 1] if small else [0]
+        return scale, [int(self.upsample)]
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         import cv2
 
         if image.size == 0:
             return []
-        scale, upsample = self._plan(image)
+        scale, attempts = self._plan(image)
         work = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        found = self._run(np.ascontiguousarray(work), upsample)
-        detections = [Detection(box=_rect_to_box(rect, scale), score=score) for rect, score in found if score >= self.min_score]
+        work = np.ascontiguousarray(work)
+        detections: list[Detection] = []
+        for upsample in attempts:
+            found = self._run(work, upsample)
+            detections = [Detection(box=_rect_to_box(r, scale), score=s) for r, s in found if s >= self.min_score]
+            if detections:
+                break
         return sorted(detections, key=lambda d: (-d.area, d.box[0]))
 
-    def describe(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
+        """Constructor options, as they resolve for this instance."""
         return {"upsample": self.upsample, "max_side": self.max_side, "min_score": self.min_score}
+
+    def describe(self) -> dict[str, Any]:
+        return self.options()
 
 
 @register("detector", "dlib-hog")
