@@ -1,6 +1,7 @@
 """Images/s and peak memory of ``face-index run`` on real CelebA and LFW images.
 
 Usage: python benchmarks/throughput.py [--images 500] [--workers 1 2] [--out bench-out/throughput.json]
+           [--variant "dlib-only=--embedder dlib-resnet --upsample always-small"] ...
 
 Each configuration runs the real command in a fresh process. "images/s" is
 the indexer's own processing rate (decode -> detect -> landmarks -> embed ->
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -70,23 +72,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="bench-out/throughput.json")
+    parser.add_argument("--variant", action="append", default=None,
+                        help='LABEL=face-index run options; repeatable (default: "default=", the default pipeline)')
     args = parser.parse_args()
+    variants = [v.split("=", 1) for v in (args.variant or ["default="])]
     datasets = [
         ("CelebA test crops", str(SHARED / "celeba"), "celeba", ["--split", "test"]),
         ("LFW", str(SHARED / "lfw"), "lfw", []),
     ]
     rows = []
     for label, root, fmt, extra in datasets:
-        for workers in args.workers:
-            row = {"dataset": label, **run_once(root, fmt, extra, args.images, workers)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for name, options in variants:
+            for workers in args.workers:
+                row = {"dataset": label, "pipeline": name,
+                       **run_once(root, fmt, extra + shlex.split(options), args.images, workers)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
-    print("\n| dataset | images | workers | images/s | wall s | peak RSS MiB | faces | no face |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | pipeline | images | workers | images/s | wall s | peak RSS MiB | faces | no face |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dataset']} | {r['images']} | {r['workers']} | {r['images_per_s']:.2f} | {r['wall_s']} | "
+        print(f"| {r['dataset']} | {r['pipeline']} | {r['images']} | {r['workers']} | {r['images_per_s']:.2f} | {r['wall_s']} | "
               f"{r['peak_rss_mib']} | {r['faces']} | {r['no_face']} |")
 
 

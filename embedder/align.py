@@ -144,24 +144,21 @@ def points_for(detection: Detection, scheme: str) -> np.ndarray:
 
 
 def dlib_chip_matrix(points: np.ndarray, template: AlignTemplate) -> np.ndarray:
-    """Image -> chip matrix with dlib's chip_details geometry.
+    """Image -> chip matrix with dlib's chip_details geometry (its extraction
+    rectangle: side ``size * scale - 1``, centred on the image of the chip's
+    centre). :func:`align_face` cuts such chips with dlib's own sampling
+    (``embedder.dlib_chip``); this matrix maps points into them."""
+    from embedder.dlib_chip import chip_details
 
-    dlib fits chip -> image, keeps only its angle and scale, and samples a
-    rectangle of side ``size * scale - 1`` centred on the image of the chip's
-    centre ``(size/2, size/2)``, so chip pixel 0 and pixel size-1 land on the
-    rectangle's edges.
-    """
     cols, rows = template.size
-    to_image = estimate_similarity(template.array(), points)
-    linear = to_image[:, :2]
-    scale = float(np.hypot(linear[0, 0], linear[1, 0]))
-    rotation = linear / scale
-    center = transform_points(to_image, np.array([[cols / 2.0, rows / 2.0]]))[0]
-    width, height = cols * scale - 1.0, rows * scale - 1.0
-    step = np.diag([width / (cols - 1), height / (rows - 1)])
+    (left, top, right, bottom), angle = chip_details(points, template.array(), cols)
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s], [s, c]])
+    step = np.diag([(right - left) / (cols - 1), (bottom - top) / (rows - 1)])
+    center = np.array([(left + right) / 2, (top + bottom) / 2])
     chip_to_image = np.empty((2, 3))
     chip_to_image[:, :2] = rotation @ step
-    chip_to_image[:, 2] = center - rotation @ np.array([width / 2.0, height / 2.0])
+    chip_to_image[:, 2] = center - rotation @ np.array([(right - left) / 2, (bottom - top) / 2])
     return invert(chip_to_image)
 
 
@@ -177,4 +174,9 @@ def align_matrix(detection: Detection, template: AlignTemplate) -> np.ndarray:
 
 def align_face(image: np.ndarray, detection: Detection, template: AlignTemplate) -> np.ndarray:
     """The aligned crop of one face, (H, W, 3) uint8."""
+    if template.geometry == "dlib-chip":
+        from embedder.dlib_chip import extract_dlib_chip
+
+        points = points_for(detection, template.scheme)
+        return extract_dlib_chip(image, points, template.array(), template.size[0])
     return warp(image, align_matrix(detection, template), template.size)

@@ -17,7 +17,7 @@ from embedder.align import (
     transform_points,
 )
 from embedder.types import LANDMARK_NAMES, Detection
-from tests.conftest import CELEBA, PHOTOS
+from tests.conftest import CELEBA, LFW, PHOTOS
 
 
 def _similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
@@ -70,7 +70,8 @@ def test_missing_keypoints_give_a_clear_error():
 
 @pytest.mark.needs_data
 def test_dlib_chip_matches_dlib_get_face_chip(pipeline):
-    for path in [CELEBA / "img_align_celeba" / "182638.jpg", PHOTOS / "group1.jpg"]:
+    border = LFW / "lfw" / "Li_Ka-shing" / "Li_Ka-shing_0001.jpg"  # a face crossing the image edge
+    for path in [CELEBA / "img_align_celeba" / "182638.jpg", PHOTOS / "group1.jpg", border]:
         image = load_image(path)
         det = pipeline.detect(image)[0]
         ours = pipeline.crops(image, [det])[0].astype(int)
@@ -78,7 +79,11 @@ def test_dlib_chip_matches_dlib_get_face_chip(pipeline):
             dlib.rectangle(0, 0, 1, 1), [dlib.point(int(x), int(y)) for x, y in det.keypoints]
         )
         theirs = dlib.get_face_chip(image, shape, size=150, padding=0.25).astype(int)
-        assert np.abs(ours - theirs).mean() < 1.0  # rounding vs truncation, pyramid vs area filter
+        assert np.array_equal(ours, theirs)  # pixel for pixel, pyramid (group photo) included
+        # The chip matrix maps the keypoints onto dlib's template.
+        template = pipeline.embedder.crop
+        mapped = transform_points(align_matrix(det, template), det.keypoints)
+        assert np.abs(mapped - template.array()).max() < 6
 
 
 @pytest.mark.needs_data

@@ -7,7 +7,7 @@ import pytest
 
 from data.images import load_image
 from embedder import FacePipeline, UnknownBackendError, available, create, register
-from tests.conftest import CELEBA, PHOTOS
+from tests.conftest import CELEBA, LFW, PHOTOS
 
 
 def test_registry_lists_and_rejects_names():
@@ -88,3 +88,23 @@ def test_dlib68_measures_what_dlib5_estimates():
     assert np.abs(face68.landmarks - official).max() < 6
     assert np.abs(face68.landmarks - face5.landmarks).max() < 12
     assert np.abs(face68.keypoints - face5.keypoints).max() < 6  # dlib-5-compatible chip points
+
+
+@pytest.mark.needs_data
+def test_default_torch_embedder_equals_dlibs_own():
+    """The default (torch) pipeline and dlib's own embedder agree on real faces,
+    border-crossing and group-photo faces included."""
+    torch_pipeline = FacePipeline()
+    assert torch_pipeline.config.embedder == "dlib-resnet-torch" and torch_pipeline.embeds_in_batches
+    dlib_pipeline = FacePipeline(embedder="dlib-resnet")
+    paths = [CELEBA / "img_align_celeba" / n for n in ("000001.jpg", "182638.jpg", "182639.jpg")]
+    paths += [LFW / "lfw" / "Li_Ka-shing" / "Li_Ka-shing_0001.jpg", PHOTOS / "group1.jpg"]
+    count = 0
+    for path in paths:
+        image = load_image(path)
+        ours, theirs = torch_pipeline(image), dlib_pipeline(image)
+        assert len(ours) == len(theirs) >= 1
+        for a, b in zip(ours, theirs):
+            assert float(a.embedding @ b.embedding) >= 0.9999
+            count += 1
+    assert count >= 7

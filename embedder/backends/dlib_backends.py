@@ -279,8 +279,9 @@ class Dlib68Landmarks(Dlib5Landmarks):
 
 @register("embedder", "dlib-resnet")
 class DlibResnetEmbedder(_Lazy):
-    """dlib_face_recognition_resnet_model_v1: 128-D, on dlib's 150 px face
-    chip with 0.25 padding, aligned from dlib-5 keypoints."""
+    """dlib_face_recognition_resnet_model_v1 run by dlib itself: 128-D, on
+    dlib's 150 px face chip with 0.25 padding, aligned from dlib-5 keypoints.
+    About 8 faces/s per core; ``dlib-resnet-torch`` gives the same vectors faster."""
 
     name = "dlib-resnet"
     dim = 128
@@ -303,3 +304,74 @@ class DlibResnetEmbedder(_Lazy):
 
     def describe(self) -> dict[str, Any]:
         return {"crop": self.crop.name}
+
+
+@register("embedder", "dlib-resnet-torch")
+class DlibResnetTorchEmbedder(_Lazy):
+    """The same dlib ResNet as a torch module (embedder/backends/dlib_torch.py),
+    weights read from dlib's .dat file: equal embeddings, batched, CPU or CUDA.
+
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    batch_size: chips per forward pass; larger is faster up to ~64 on CPU, more on GPU.
+    channels_last: NHWC memory layout; None picks it on CPU, where it is faster.
+    """
+
+    name = "dlib-resnet-torch"
+    dim = 128
+    crop: AlignTemplate = dlib_chip_template(150, 0.25)
+    batched = True
+
+    def __init__(self, device: str = "auto", batch_size: int = 64, channels_last: bool | None = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.channels_last = channels_last
+
+    def _load(self) -> Any:
+        try:
+            import torch
+        except ImportError as err:
+            raise BackendUnavailableError("the dlib-resnet-torch embedder needs torch: pip install torch") from err
+        from embedder.backends.dlib_torch import load_dlib_resnet
+
+        device = self.resolved_device()
+        if device.startswith("cuda"):
+            # Equality with dlib holds in fp32; TF32 convolutions would lose it.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        channels_last = (device == "cpu") if self.channels_last is None else self.channels_last
+        model = load_dlib_resnet(model_path("dlib_face_recognition_resnet_model_v1.dat"), device=device,
+                                 channels_last=channels_last)
+        log.info("dlib-resnet-torch on %s (channels_last=%s, %d threads)", device, channels_last, torch.get_num_threads())
+        return model
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def embed(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 150, 150, 3) uint8 RGB chips -> (N, 128) float32, L2-normalised."""
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self._get()
+        return l2_normalize(model.embed(np.ascontiguousarray(crops, dtype=np.uint8), batch_size=self.batch_size))
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+
+            torch_version = version("torch")
+        except Exception:  # noqa: BLE001 - informational only
+            torch_version = "unknown"
+        return f"torch {torch_version} port of dlib_face_recognition_resnet_model_v1 (dlib {_dlib_version()} weights file)"
+
+    def options(self) -> dict[str, Any]:
+        return {"device": self.device, "batch_size": self.batch_size, "channels_last": self.channels_last}
+
+    def describe(self) -> dict[str, Any]:
+        return {"crop": self.crop.name, **self.options()}
