@@ -50,12 +50,15 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--max-faces", type=click.IntRange(min=1), default=None, help="Keep at most N faces per image, largest first.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images.")
 @click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True, help="FAISS index type.")
+@click.option("--embed-in", type=click.Choice(["auto", "main", "workers"]), default="auto", show_default=True,
+              help="Where a torch embedder runs: main (batched, GPU), workers (one thread each, CPU).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def run(
     dataset_root: str, fmt: str, gallery_dir: str, split: str, limit: int | None, workers: int | None,
     partition_size: int, detector: str, landmarks: str, embedder_name: str, flip: bool, upsample: str,
-    max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, overwrite: bool, progress: bool,
+    max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, embed_in: str, overwrite: bool,
+    progress: bool,
 ) -> None:
     """Index every face of a dataset into a gallery directory.
 
@@ -81,7 +84,8 @@ def run(
             dataset_root=dataset_root, format=fmt, split=split, limit=limit,
             partition_size=partition_size, max_pixels=max_pixels, pipeline=pipeline,
         )
-        summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type)
+        summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type,
+                            embed_in=embed_in)
     except DOMAIN_ERRORS as err:
         raise click.ClickException(str(err)) from err
     except KeyboardInterrupt:

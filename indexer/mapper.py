@@ -173,6 +173,7 @@ def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker runs one image at a time: keep native thread pools to one thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["FACESEARCH_TORCH_THREADS"] = "1"  # read by torch embedders when they load
     _WORKER_MAPPER = FaceMapper(root, pipeline, max_pixels)
 
 

@@ -90,6 +90,7 @@ def run_index(
     progress: bool = True,
     build: bool = True,
     index_type: str = "flat",
+    embed_in: str = "auto",
 ) -> RunSummary:
     """Index ``config``'s dataset into ``gallery_dir``, resuming an earlier run.
 
@@ -97,6 +98,10 @@ def run_index(
         count; 0 runs everything in this process, for debugging).
     overwrite: discard what the gallery directory holds from another run.
     build: build the FAISS index and gallery.json at the end.
+    embed_in: where a batched (torch) embedder runs: "main" (this process, whole
+        batches; best on a GPU), "workers" (each worker embeds its own images
+        on one thread; best on a CPU, no oversubscription, no crops sent
+        between processes) or "auto" (main on CUDA, workers otherwise).
     """
     out = Path(gallery_dir)
     if workers is None:
@@ -130,6 +135,7 @@ def run_index(
 
     start = time.perf_counter()
     faces_written = failures_written = processed = 0
+    first_result: tuple[float, int] | None = None  # when the first images came back: start-up is over
     face_ids = _FaceIds(out, partitions)
     bar = _progress(len(listing.records), progress)
     bar.update(sum(len(p.records) for p in partitions if p.name in done))
@@ -137,7 +143,13 @@ def run_index(
     main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
     # Batched embedders (torch) run in this process on whole batches of crops;
     # workers stop at the crops. Others (dlib) embed inside each worker.
-    split_embedding = workers > 0 and pipeline.embeds_in_batches
+    if embed_in not in ("auto", "main", "workers"):
+        raise ValueError(f"embed_in must be auto, main or workers, got {embed_in!r}")
+    if embed_in == "auto":
+        on_gpu = str(getattr(pipeline.embedder, "resolved_device", lambda: "cpu")()).startswith("cuda")
+        embed_in = "main" if on_gpu else "workers"
+    split_embedding = workers > 0 and pipeline.embeds_in_batches and embed_in == "main"
+    log.debug("embedding in %s", "the main process" if split_embedding else "the workers")
     try:
         if workers == 0:
 
@@ -182,6 +194,8 @@ def run_index(
                     collect(batch)
                 remaining -= len(batch)
                 processed += len(batch)
+                if first_result is None:
+                    first_result = (time.perf_counter(), processed)
                 bar.update(len(batch))
             first_face_id = face_ids.first(part.index)
             write_partition(out, part.name, rows, failures, first_face_id, pipeline.dim)
@@ -204,7 +218,11 @@ def run_index(
 
     seconds = time.perf_counter() - start
     if processed:
-        log.info("processed %d images in %.1f s (%.2f images/s)", processed, seconds, processed / seconds)
+        steady = ""
+        if first_result is not None and processed > first_result[1]:
+            after = (processed - first_result[1]) / max(1e-9, time.perf_counter() - first_result[0])
+            steady = f", {after:.2f} images/s after start-up"
+        log.info("processed %d images in %.1f s (%.2f images/s%s)", processed, seconds, processed / seconds, steady)
     if build:
         try:
             build_gallery(out, index_type=index_type, listing=listing)

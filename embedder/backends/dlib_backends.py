@@ -106,7 +106,7 @@ class _ScaledDetector(_Lazy):
     small_side = 800
     POLICIES = ("adaptive", "always-small")
 
-    def __init__(self, upsample: int | str = "always-small", max_side: int = 1280, min_score: float = 0.0) -> None:
+    def __init__(self, upsample: int | str = "adaptive", max_side: int = 1280, min_score: float = 0.0) -> None:
         super().__init__()
         if upsample == "auto":  # the name of "always-small" in galleries built before "adaptive"
             upsample = "always-small"
@@ -336,6 +336,9 @@ class DlibResnetTorchEmbedder(_Lazy):
             raise BackendUnavailableError("the dlib-resnet-torch embedder needs torch: pip install torch") from err
         from embedder.backends.dlib_torch import load_dlib_resnet
 
+        threads = os.environ.get("FACESEARCH_TORCH_THREADS")
+        if threads:  # set by the indexer's worker processes: one thread each
+            torch.set_num_threads(int(threads))
         device = self.resolved_device()
         if device.startswith("cuda"):
             # Equality with dlib holds in fp32; TF32 convolutions would lose it.
