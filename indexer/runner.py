@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from data.records import ImageRecord
 from embedder.pipeline import FacePipeline
-from indexer.build import GalleryBuildError, build_gallery
+from indexer.build import build_gallery
 from indexer.config import RUN_FILE, RunConfig, check_or_write_run_config
 from indexer.mapper import FaceMapper, MappedImage, PreparedImage, init_worker, map_in_worker, prepare_in_worker
 from indexer.reader import Partition, plan_partitions, read_listing
@@ -108,18 +108,21 @@ def run_index(
         workers = os.cpu_count() or 1
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    if overwrite and out.exists():
-        for name in (MANIFEST_DIR, FAILURES_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (RUN_FILE, "gallery.json", "index.faiss"):
-            (out / name).unlink(missing_ok=True)
-    # Fail fast on bad settings (unknown backends) before touching the disk, and
-    # record every backend option as resolved now (defaults may change later).
+    if embed_in not in ("auto", "main", "workers"):
+        raise ValueError(f"embed_in must be auto, main or workers, got {embed_in!r}")
+    # Fail fast on bad settings (unknown backends, an empty dataset) before
+    # touching the disk, and record every backend option as resolved now
+    # (defaults may change later).
     pipeline = FacePipeline(config.pipeline)
     config = dataclasses.replace(config, pipeline=pipeline.resolved_config())
     listing = read_listing(config)
     if not listing.records:
         raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
+    if overwrite and out.exists():
+        for name in (MANIFEST_DIR, FAILURES_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (RUN_FILE, "gallery.json", "index.faiss"):
+            (out / name).unlink(missing_ok=True)
     resumed = check_or_write_run_config(out, config)
     clean_temporaries(out)
 
@@ -141,10 +144,9 @@ def run_index(
     bar.update(sum(len(p.records) for p in partitions if p.name in done))
     executor = None
     main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
-    # Batched embedders (torch) run in this process on whole batches of crops;
-    # workers stop at the crops. Others (dlib) embed inside each worker.
-    if embed_in not in ("auto", "main", "workers"):
-        raise ValueError(f"embed_in must be auto, main or workers, got {embed_in!r}")
+    # A batched (torch) embedder on CUDA runs here on whole batches of crops and
+    # the workers stop at the crops; on CPU, and for dlib's own embedder, each
+    # worker embeds its own images.
     if embed_in == "auto":
         on_gpu = str(getattr(pipeline.embedder, "resolved_device", lambda: "cpu")()).startswith("cuda")
         embed_in = "main" if on_gpu else "workers"
@@ -224,10 +226,7 @@ def run_index(
             steady = f", {after:.2f} images/s after start-up"
         log.info("processed %d images in %.1f s (%.2f images/s%s)", processed, seconds, processed / seconds, steady)
     if build:
-        try:
-            build_gallery(out, index_type=index_type, listing=listing)
-        except GalleryBuildError:
-            raise
+        build_gallery(out, index_type=index_type, listing=listing)
     summary = RunSummary(
         gallery_dir=str(out), images=len(listing.records), partitions=len(partitions),
         partitions_done_before=len(partitions) - len(todo), partitions_written=len(todo),

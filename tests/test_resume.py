@@ -99,3 +99,19 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     assert rows["face_id"] == list(range(len(rows["face_id"])))
     info = (out / "gallery.json").read_text()
     assert '"images": 30' in info
+
+
+def test_overwrite_with_bad_settings_loses_nothing(tmp_path):
+    """A typo in --overwrite's run must not delete the gallery it would replace."""
+    from indexer import RunConfig, run_index
+    from embedder.pipeline import PipelineConfig
+    from embedder.registry import UnknownBackendError
+
+    out = tmp_path / "g"
+    run_index(RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=4), out, workers=0, progress=False)
+    before = sorted(p.name for p in out.rglob("*"))
+    bad = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=4,
+                    pipeline=PipelineConfig(detector="dlib-hogg"))
+    with pytest.raises(UnknownBackendError):
+        run_index(bad, out, workers=0, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.rglob("*")) == before
