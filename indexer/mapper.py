@@ -67,8 +67,12 @@ class PreparedImage:
     failure: Failure | None = None
 
 
+def _failure_record(record: ImageRecord, stage: str, reason: str) -> Failure:
+    return Failure(record.path, record.identity, record.split, stage, reason)
+
+
 def _failure(record: ImageRecord, stage: str, reason: str) -> MappedImage:
-    return MappedImage(record, (), Failure(record.path, record.identity, record.split, stage, reason))
+    return MappedImage(record, (), _failure_record(record, stage, reason))
 
 
 def _rows(record: ImageRecord, faces: Sequence[Face], shape: tuple[int, ...]) -> MappedImage:
@@ -94,11 +98,14 @@ class FaceMapper:
     both. The pipeline (and its models) is built on first use in each process.
     """
 
-    def __init__(self, root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
+    def __init__(
+        self, root: str, pipeline: PipelineConfig, max_pixels: int, built: FacePipeline | None = None
+    ) -> None:
+        """built: a pipeline of this config already made in this process, to reuse."""
         self.root = root
         self.pipeline_config = pipeline
         self.max_pixels = max_pixels
-        self._pipeline: FacePipeline | None = None
+        self._pipeline: FacePipeline | None = built
 
     @property
     def pipeline(self) -> FacePipeline:
@@ -117,13 +124,13 @@ class FaceMapper:
         try:
             image = load_image(os.path.join(self.root, record.path), self.max_pixels)
         except ImageLoadError as err:
-            return PreparedImage(record, (0, 0), (), empty, _failure(record, "load", err.reason).failure)
+            return PreparedImage(record, (0, 0), (), empty, _failure_record(record, "load", err.reason))
         try:
             detections, crops = self.pipeline.prepare(image)
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure
             log.warning("face detection failed on %s: %s", record.path, err, exc_info=True)
             return PreparedImage(record, image.shape[:2], (), empty,
-                                 _failure(record, "detect", f"{type(err).__name__}: {err}").failure)
+                                 _failure_record(record, "detect", f"{type(err).__name__}: {err}"))
         return PreparedImage(record, image.shape[:2], tuple(detections), crops)
 
     def finish(self, prepared: Sequence[PreparedImage]) -> list[MappedImage]:

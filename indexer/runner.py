@@ -143,7 +143,7 @@ def run_index(
     bar = _progress(len(listing.records), progress)
     bar.update(sum(len(p.records) for p in partitions if p.name in done))
     executor = None
-    main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels)
+    main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels, built=pipeline)
     # A batched (torch) embedder on CUDA runs here on whole batches of crops and
     # the workers stop at the crops; on CPU, and for dlib's own embedder, each
     # worker embeds its own images.

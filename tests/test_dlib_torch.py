@@ -61,13 +61,11 @@ def test_primitive_decoders_on_the_files_own_bytes():
         dt._Reader(bytes([0x75])).read_int()
 
 
-def test_read_dlib_resnet_names_and_caches(tmp_path):
-    cold = dt.read_dlib_resnet(MODEL, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.npz"))) == 1
-    cached = dt.read_dlib_resnet(MODEL, cache_dir=tmp_path)
-    assert cold.keys() == cached.keys()
-    for key in cold:
-        np.testing.assert_array_equal(cold[key], cached[key])
+def test_read_dlib_resnet_names_the_parsed_layers(net):
+    cold = dt.read_dlib_resnet(MODEL)
+    convs = [layer for layer in net.layers if layer.kind == "con"]
+    np.testing.assert_array_equal(cold["stem.conv.weight"], convs[0].params["weight"])
+    np.testing.assert_array_equal(cold["blocks.13.unit2.conv.bias"], convs[-1].params["bias"])
     assert cold["stem.conv.weight"].shape == (32, 3, 7, 7)
     assert cold["fc.weight"].shape == (128, 256)
     assert sum(a.size for a in cold.values() if a is not cold["input_mean"]) == 5_614_592
@@ -79,11 +77,13 @@ def test_not_a_model_file_raises_clearly(tmp_path):
     with open(MODEL, "rb") as fh:
         truncated.write_bytes(fh.read(100_000))
     with pytest.raises(dt.DlibModelFormatError, match="not a dlib serialisation") as info:
-        dt.read_dlib_resnet(truncated, cache_dir=None)
+        dt.read_dlib_resnet(truncated)
     assert info.value.__cause__ is not None
+    with pytest.raises(FileNotFoundError, match="cannot read dlib model file"):
+        dt.read_dlib_resnet(tmp_path / "absent.dat")
     other = os.path.join(os.path.dirname(MODEL), "shape_predictor_5_face_landmarks.dat")
     with pytest.raises(dt.DlibModelFormatError):
-        dt.read_dlib_resnet(other, cache_dir=None)
+        dt.read_dlib_resnet(other)
 
 
 def _real_chips(n_celeba: int, n_lfw: int) -> np.ndarray:
@@ -121,7 +121,7 @@ def test_torch_embedding_equals_dlib_on_real_faces():
     chips = _real_chips(5, 5)
     reference = dlib.face_recognition_model_v1(MODEL)
     expected = np.array([np.array(reference.compute_face_descriptor(chip)) for chip in chips])
-    model = dt.load_dlib_resnet(MODEL, cache_dir=None)
+    model = dt.load_dlib_resnet(MODEL)
     assert not model.training
     got = model.embed(chips, batch_size=5).astype(np.float64)
     assert got.shape == (10, 128)

@@ -108,3 +108,26 @@ def test_default_torch_embedder_equals_dlibs_own():
             assert float(a.embedding @ b.embedding) >= 0.9999
             count += 1
     assert count >= 7
+
+
+@pytest.mark.needs_data
+def test_adaptive_upsampling_finds_small_faces_and_keeps_old_galleries_working():
+    import cv2
+
+    from embedder import create
+
+    face = load_image(CELEBA / "img_align_celeba" / "182638.jpg")
+    small = cv2.resize(face, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)  # face under the 80 px window
+    canvas = np.full((300, 300, 3), 128, np.uint8)
+    canvas[100 : 100 + small.shape[0], 100 : 100 + small.shape[1]] = small
+    assert create("detector", "dlib-hog", upsample=0).detect(canvas) == []
+    (found,) = create("detector", "dlib-hog").detect(canvas)  # the default: adaptive
+    assert 100 <= found.box[0] < found.box[2] <= 100 + small.shape[1]
+    # Large faces are found on the first, cheap pass, at the same place as always-small finds them.
+    (cheap,) = create("detector", "dlib-hog").detect(face)
+    (upsampled,) = create("detector", "dlib-hog", upsample="always-small").detect(face)
+    assert np.abs(np.array(cheap.box) - np.array(upsampled.box)).max() < 15
+    # Galleries built before "adaptive" stored upsample="auto": it still means always-small.
+    assert create("detector", "dlib-hog", upsample="auto").upsample == "always-small"
+    with pytest.raises(ValueError, match="upsample must be"):
+        create("detector", "dlib-hog", upsample="sometimes")

@@ -115,3 +115,28 @@ def test_overwrite_with_bad_settings_loses_nothing(tmp_path):
     with pytest.raises(UnknownBackendError):
         run_index(bad, out, workers=0, overwrite=True, progress=False)
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_embedding_in_main_process_equals_embedding_in_workers(tmp_path, caplog):
+    """--embed-in main (workers stop at crops, this process embeds batches: the
+    GPU layout) gives the same gallery as embedding in the workers."""
+    from indexer import RunConfig, run_index
+
+    config = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=24, partition_size=10)
+    tables = {}
+    for mode, where in (("main", "the main process"), ("workers", "the workers")):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="indexer.runner"):
+            run_index(config, tmp_path / mode, workers=2, embed_in=mode, progress=False)
+        assert f"embedding in {where}" in caplog.text
+        tables[mode] = pq.read_table(tmp_path / mode / "manifest").to_pydict()
+    main, workers = tables["main"], tables["workers"]
+    assert len(main["face_id"]) >= 20
+    for column in ("face_id", "path", "identity", "face_index", "box", "landmarks"):
+        assert main[column] == workers[column], column
+    import numpy as np
+
+    np.testing.assert_allclose(np.array(main["embedding"]), np.array(workers["embedding"]), atol=1e-5)
+    with pytest.raises(ValueError, match="embed_in must be"):
+        run_index(config, tmp_path / "bad", embed_in="gpu", progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

