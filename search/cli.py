@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
 from data.images import ImageLoadError, load_image
+from data.readers import DatasetError
 from embedder.registry import UnknownBackendError
 from indexer.logs import setup_logging
 from search.gallery import GalleryError
@@ -62,6 +64,102 @@ def query(images: tuple[str, ...], gallery_dir: str, k: int, as_json: bool) -> N
         raise click.ClickException("no image could be read")
 
 
+@main.command(name="eval")
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.option("--fpr", "fprs", multiple=True, type=float, default=(1e-2, 1e-3, 1e-4), show_default=True,
+              help="False-positive rates to report TPR and threshold at (repeatable).")
+@click.option("-k", type=click.IntRange(1, 1000), default=8, show_default=True, help="k of mAP@k.")
+@click.option("--calibrate-fpr", type=float, default=1e-3, show_default=True,
+              help="FPR of the 'same person' threshold; lower is stricter (fewer false matches, more missed).")
+@click.option("--save/--no-save", default=True, show_default=True, help="Store the calibration in gallery.json.")
+@click.option("--lfw-pairs", type=click.Path(exists=True, dir_okay=False), help="LFW pairs.txt: add View 2 10-fold accuracy.")
+@click.option("--figures", "figures_dir", type=click.Path(file_okay=False),
+              help="Where to write the PNG figures [default: GALLERY/eval].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_command(gallery_dir: str, fprs: tuple[float, ...], k: int, calibrate_fpr: float, save: bool,
+                 lfw_pairs: str | None, figures_dir: str | None, as_json: bool) -> None:
+    """Verification, identification and calibration of an identity-labelled gallery.
+
+    Verification is exact over all pairs of faces (one face per image): TPR
+    and threshold at each --fpr, ROC AUC, and PNG figures of the same-person
+    and different-person cosine histograms and the ROC curve. Identification
+    is leave-one-out rank-1 and mAP@k. The calibrated thresholds are stored in
+    gallery.json (unless --no-save); search results then say whether each
+    match is the same person, uncertain, or a different person.
+
+    Example:
+
+        face-search eval gallery/ --lfw-pairs lfw/pairs.txt --json
+    """
+    from search.calibration import save_calibration
+    from search.evaluate import EvalError, evaluate, format_eval
+
+    figures = Path(figures_dir) if figures_dir else Path(gallery_dir) / "eval"
+    try:
+        result = evaluate(gallery_dir, fprs=tuple(fprs), k=k, calibration_fpr=calibrate_fpr,
+                          lfw_pairs=lfw_pairs, figures_dir=figures)
+    except (GalleryError, EvalError, DatasetError) as err:
+        raise click.ClickException(str(err)) from err
+    (figures / "eval.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    if save:
+        save_calibration(gallery_dir, result.calibration)
+        log.info("calibration stored in %s", Path(gallery_dir) / "gallery.json")
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_eval(result))
+
+
+@main.command()
+@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--gallery", "gallery_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Gallery directory.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("-k", type=click.IntRange(1, 100), default=8, show_default=True, help="Matches shown per face.")
+def report(queries: tuple[str, ...], gallery_dir: str, out: str, k: int) -> None:
+    """One self-contained HTML page: every face of each QUERY (an image, or a
+    directory of images) with its k nearest gallery faces as thumbnails, with
+    cosine and identity, coloured by the gallery's calibration.
+
+    Example:
+
+        face-search report me.jpg holiday/ --gallery gallery/ --out report.html
+    """
+    from search.report import ReportError, build_report
+
+    try:
+        summary = build_report(gallery_dir, queries, out, k=k)
+    except (GalleryError, UnknownBackendError, ReportError) as err:
+        raise click.ClickException(str(err)) from err
+    verdicts = ", ".join(f"{v} {n}" for v, n in sorted(summary.top_verdicts.items())) or "none"
+    click.echo(f"{summary.path}: {summary.queries} images, {summary.faces} faces ({summary.no_face} without a face, "
+               f"{summary.errors} unreadable); best matches: {verdicts}")
+
+
+@main.command()
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="HTML file to write [default: GALLERY/audit.html].")
+@click.option("--duplicate-threshold", type=click.FloatRange(-1, 1), default=0.985, show_default=True,
+              help="Cosine from which two images are near-duplicates; lower also finds re-shot photos.")
+@click.option("--limit", type=click.IntRange(1), default=200, show_default=True, help="Items shown per list in the HTML.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def audit(gallery_dir: str, out: str | None, duplicate_threshold: float, limit: int, as_json: bool) -> None:
+    """Find likely label noise, look-alike identities and near-duplicate
+    images in an identity-labelled gallery; writes an HTML page of them.
+
+    Example:
+
+        face-search audit gallery/ --out audit.html
+    """
+    from search.audit import audit_gallery, format_audit, write_audit_html
+    from search.evaluate import EvalError
+    from search.gallery import Gallery
+
+    try:
+        gallery = Gallery.load(gallery_dir)
+        result = audit_gallery(gallery, duplicate_threshold=duplicate_threshold)
+    except (GalleryError, EvalError) as err:
+        raise click.ClickException(str(err)) from err
+    path = write_audit_html(result, gallery, out or Path(gallery_dir) / "audit.html", limit=limit)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_audit(result) + f"\nHTML: {path}")
+
+
 def format_table(report: list[dict]) -> str:
     lines: list[str] = []
     for entry in report:
@@ -75,10 +173,13 @@ def format_table(report: list[dict]) -> str:
         for face in faces:
             x1, y1, x2, y2 = face["box"]
             lines.append(f"  face {face['face_index']} at ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}):")
-            lines.append(f"    {'rank':>4}  {'cosine':>7}  {'face_id':>7}  {'identity':<20}  path")
+            lines.append(f"    {'rank':>4}  {'cosine':>7}  {'verdict':<9}  {'face_id':>7}  {'identity':<20}  path")
             for rank, m in enumerate(face["matches"], 1):
                 identity = "-" if m["identity"] is None else str(m["identity"])
-                lines.append(f"    {rank:>4}  {m['cosine']:>7.4f}  {m['face_id']:>7}  {identity:<20.20}  {m['path']}")
+                verdict = m.get("verdict") or "-"
+                lines.append(
+                    f"    {rank:>4}  {m['cosine']:>7.4f}  {verdict:<9}  {m['face_id']:>7}  {identity:<20.20}  {m['path']}"
+                )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from indexer.build import GALLERY_FILE, INDEX_FILE, apply_index_settings
 from indexer.writer import manifest_parts
+from search.calibration import Calibration, CalibrationError, gallery_calibration
 
 #: Manifest columns kept in memory for answering queries (embeddings stay on disk).
 META_COLUMNS = ["face_id", "path", "identity", "split", "face_index", "box", "score"]
@@ -72,6 +73,10 @@ class Gallery:
         ids = meta.column("face_id").to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise GalleryError(f"{path}: manifest face ids are not 0..N-1 in order; rebuild with face-index build")
+        try:
+            gallery_calibration(info)
+        except CalibrationError as err:
+            raise GalleryError(f"{info_path}: {err}") from err
         return cls(directory=path, info=info, index=index, meta=meta.combine_chunks())
 
     def __len__(self) -> int:
@@ -85,10 +90,24 @@ class Gallery:
     def dataset_root(self) -> str | None:
         return self.info.get("dataset", {}).get("root")
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """Thresholds from ``face-search eval``, or None when uncalibrated."""
+        return gallery_calibration(self.info)
+
+    def image_path(self, relative: str) -> Path | None:
+        """Where a manifest path's image is now, or None when the dataset root is gone."""
+        root = self.dataset_root
+        return None if root is None else Path(root) / relative
+
     def row(self, face_id: int) -> dict[str, Any]:
         if not 0 <= face_id < len(self):
             raise KeyError(f"face id {face_id} is not in this gallery of {len(self)} faces")
         return {name: self.meta.column(name)[face_id].as_py() for name in META_COLUMNS}
+
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        """Manifest columns for all faces, in face-id order (read from disk)."""
+        return pa.concat_tables([pq.read_table(p, columns=columns) for p in manifest_parts(self.directory)]).combine_chunks()
 
     def embeddings(self) -> np.ndarray:
         """All embeddings (N, dim) float32, in face-id order, read from the manifest."""

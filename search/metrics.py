@@ -3,9 +3,11 @@
 Verification over every pair of an identity-labelled set of embeddings:
 genuine pairs (same identity) are few and computed per identity first;
 impostor pairs (75M for 12k faces) are never held at once: in one pass, each
-chunk of rows contributes its exact top impostor scores (enough for the
-smallest FPR asked for), its wins and ties against the genuine scores (the
-exact ROC AUC, Mann-Whitney U), and a histogram (for plots).
+chunk of rows sorts its impostor scores and contributes its exact top scores
+(enough for the largest FPR asked for), the rank of every genuine score among
+them (wins and ties: the exact ROC AUC, Mann-Whitney U), and a histogram (for
+plots). Sorting a chunk and searching the few genuine scores in it is ~40x
+faster than searching every impostor among the genuine scores.
 """
 
 from __future__ import annotations
@@ -93,19 +95,48 @@ def verification(
         scores = x[start:stop] @ x[start:].T
         upper = np.triu(np.ones(scores.shape, bool), k=1)  # j > i within the chunk's rows
         impostor = scores[upper & (codes[start:stop, None] != codes[None, start:])]
+        impostor = np.sort(impostor)  # sorted, the genuine scores find their ranks in it cheaply
         impostor_hist += np.histogram(impostor, edges)[0]
-        below = np.searchsorted(sorted_genuine, impostor, side="left")
-        above = np.searchsorted(sorted_genuine, impostor, side="right")
-        wins += float((len(sorted_genuine) - above).sum()) + 0.5 * float((above - below).sum())
-        if len(impostor) > keep:
-            impostor = np.partition(impostor, len(impostor) - keep)[-keep:]
-        top = np.concatenate([top, impostor])
+        below = np.searchsorted(impostor, sorted_genuine, side="left")  # impostors < each genuine score
+        ties = np.searchsorted(impostor, sorted_genuine, side="right") - below
+        wins += float(below.sum()) + 0.5 * float(ties.sum())
+        top = np.concatenate([top, impostor[-keep:]])
         if len(top) > keep:
             top = np.partition(top, len(top) - keep)[-keep:]
     top = np.sort(top)[::-1]
     auc = wins / (len(genuine) * impostor_total) if len(genuine) and impostor_total else float("nan")
     points = tuple(operating_point(genuine, top, impostor_total, f) for f in fprs)
     return Verification(genuine_total, impostor_total, auc, points, edges, genuine_hist, impostor_hist, genuine)
+
+
+def roc_curve(result: Verification) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every histogram bin edge, from the top edge down (for plots;
+    the operating points are the exact figures)."""
+    impostor = np.concatenate([[0], np.cumsum(result.impostor_hist[::-1])])
+    genuine = np.concatenate([[0], np.cumsum(result.genuine_hist[::-1])])
+    return impostor / max(result.impostor_pairs, 1), genuine / max(result.genuine_pairs, 1)
+
+
+def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> tuple[float, float, list[float], list[float]]:
+    """LFW protocol: mean and std of per-fold accuracy, each fold's threshold
+    chosen on the other folds (the best accuracy over midpoints of their scores).
+    Returns mean, std, per-fold accuracies and per-fold thresholds."""
+    scores, same, folds = np.asarray(scores, np.float64), np.asarray(same, bool), np.asarray(folds)
+    accs, thresholds = [], []
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        candidates = np.unique(scores[train])
+        mids = np.concatenate([[candidates[0] - 1e-6], (candidates[:-1] + candidates[1:]) / 2, [candidates[-1] + 1e-6]])
+        # accuracy at each candidate threshold, in one sorted pass
+        order = np.argsort(scores[train])
+        s, y = scores[train][order], same[train][order]
+        below = np.searchsorted(s, mids, side="left")  # pairs with score < t are called different
+        negatives_below = np.concatenate([[0], np.cumsum(~y)])[below]
+        positives_above = y.sum() - np.concatenate([[0], np.cumsum(y)])[below]
+        threshold = float(mids[int(np.argmax(negatives_below + positives_above))])
+        thresholds.append(threshold)
+        accs.append(float(((scores[test] >= threshold) == same[test]).mean()))
+    return float(np.mean(accs)), float(np.std(accs)), accs, thresholds
 
 
 def identification(embeddings: np.ndarray, labels: np.ndarray, k: int = 8, chunk: int = 1024) -> dict[str, float]:

@@ -11,6 +11,7 @@ import numpy as np
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.types import Face
 from embedder.vectors import l2_normalize
+from search.calibration import Verdict
 from search.gallery import Gallery, GalleryError
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ class Match:
     path: str
     box: tuple[float, float, float, float]
     face_index: int
+    verdict: Verdict | None = None  # same / uncertain / different by the gallery's calibration; None if uncalibrated
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "face_id": self.face_id, "cosine": round(self.cosine, 6), "identity": self.identity,
             "path": self.path, "box": [round(v, 2) for v in self.box], "face_index": self.face_index,
+            "verdict": self.verdict,
         }
 
 
@@ -114,6 +117,7 @@ class Searcher:
         identities = meta.column("identity")
         boxes = meta.column("box")
         face_indices = meta.column("face_index")
+        calibration = self.gallery.calibration
         out = []
         for row_scores, row_ids in zip(scores, ids):
             out.append(
@@ -121,6 +125,7 @@ class Searcher:
                     Match(
                         face_id=int(i), cosine=float(s), identity=identities[int(i)].as_py(), path=paths[int(i)].as_py(),
                         box=tuple(boxes[int(i)].as_py()), face_index=int(face_indices[int(i)].as_py()),
+                        verdict=calibration.verdict(float(s)) if calibration is not None else None,
                     )
                     for s, i in zip(row_scores, row_ids)
                     if i >= 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.metrics import identification, operating_point, verification
+from search.metrics import identification, operating_point, roc_curve, ten_fold_accuracy, verification
 
 
 def _data(n: int = 300, ids: int = 30, seed: int = 0):
@@ -71,3 +71,27 @@ def test_identification_equals_brute_force():
     assert result["queries"] == queries
     assert result["rank1"] == pytest.approx(rank1 / queries)
     assert result["map@8"] == pytest.approx(np.mean(aps))
+
+
+def test_ten_fold_accuracy_equals_brute_force():
+    rng = np.random.default_rng(5)
+    same = rng.random(600) < 0.5
+    scores = np.where(same, rng.normal(0.6, 0.2, 600), rng.normal(0.2, 0.2, 600)).round(2)  # ties on purpose
+    folds = np.repeat(np.arange(10), 60)
+    mean, std, accs, thresholds = ten_fold_accuracy(scores, same, folds)
+    for fold in range(10):
+        train, test = folds != fold, folds == fold
+        c = np.unique(scores[train])
+        mids = np.concatenate([[c[0] - 1e-6], (c[:-1] + c[1:]) / 2, [c[-1] + 1e-6]])
+        best = mids[int(np.argmax([((scores[train] >= t) == same[train]).mean() for t in mids]))]
+        assert thresholds[fold] == pytest.approx(best)
+        assert accs[fold] == pytest.approx(((scores[test] >= best) == same[test]).mean())
+    assert mean == pytest.approx(np.mean(accs)) and 0.7 < mean < 0.95 and std > 0
+
+
+def test_roc_curve_ends_at_one():
+    x, labels = _data()
+    result = verification(x, labels, bins=50)
+    fpr, tpr = roc_curve(result)
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == pytest.approx(1) and tpr[-1] == pytest.approx(1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)

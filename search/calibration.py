@@ -1,0 +1,85 @@
+"""Calibrated thresholds: how far a cosine value can be trusted.
+
+``face-search eval`` measures, on an identity-labelled gallery, the cosine
+thresholds at two false-positive rates and stores them in gallery.json:
+
+- above ``threshold`` (FPR ``fpr``, 1e-3 by default) a match is called the
+  **same** person: at most that share of different-person pairs score so high;
+- above ``uncertain_threshold`` (FPR ``uncertain_fpr``, 10x looser) it is
+  **uncertain**;
+- at or below it, a **different** person.
+
+The thresholds belong to the pipeline (the embedder), not to the gallery's faces,
+so ``face-index build`` keeps them as long as the pipeline is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Verdict = Literal["same", "uncertain", "different"]
+VERDICTS: tuple[Verdict, ...] = ("same", "uncertain", "different")
+CALIBRATION_KEY = "calibration"
+
+
+class CalibrationError(ValueError):
+    """Thresholds that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    fpr: float
+    threshold: float
+    uncertain_fpr: float
+    uncertain_threshold: float
+    tpr: float | None = None  # share of same-person pairs above ``threshold`` where measured
+    source: str = ""  # what it was measured on
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.uncertain_threshold <= self.threshold <= 1.0:
+            raise CalibrationError(
+                f"need -1 <= uncertain_threshold ({self.uncertain_threshold}) <= threshold ({self.threshold}) <= 1"
+            )
+
+    def verdict(self, cosine: float) -> Verdict:
+        if cosine > self.threshold:
+            return "same"
+        if cosine > self.uncertain_threshold:
+            return "uncertain"
+        return "different"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        try:
+            return cls(
+                fpr=float(data["fpr"]), threshold=float(data["threshold"]),
+                uncertain_fpr=float(data["uncertain_fpr"]), uncertain_threshold=float(data["uncertain_threshold"]),
+                tpr=None if data.get("tpr") is None else float(data["tpr"]), source=str(data.get("source", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CalibrationError(f"calibration in gallery.json is malformed: {err}") from err
+
+
+def gallery_calibration(info: dict[str, Any]) -> Calibration | None:
+    """The calibration stored in a gallery.json, or None when uncalibrated."""
+    data = info.get(CALIBRATION_KEY)
+    return None if data is None else Calibration.from_dict(data)
+
+
+def save_calibration(gallery_dir: str | os.PathLike[str], calibration: Calibration) -> None:
+    """Store ``calibration`` in the gallery's gallery.json (atomically)."""
+    import json
+    from pathlib import Path
+
+    from indexer.build import GALLERY_FILE
+    from indexer.config import write_json_atomic
+
+    path = Path(gallery_dir) / GALLERY_FILE
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info[CALIBRATION_KEY] = calibration.to_dict()
+    write_json_atomic(path, info)
