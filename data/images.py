@@ -37,6 +37,10 @@ class ImageLoadError(Exception):
         super().__init__(f"{path}: {reason}" if path else reason)
 
 
+class ImageTooLargeError(ImageLoadError):
+    """The image declares more pixels than allowed (refused before decoding)."""
+
+
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3).
 
@@ -75,7 +79,7 @@ def _decode(stream: BinaryIO, max_pixels: int) -> np.ndarray:
             if width <= 0 or height <= 0:
                 raise ImageLoadError(f"invalid image size {width}x{height}")
             if width * height > max_pixels:
-                raise ImageLoadError(
+                raise ImageTooLargeError(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.load()

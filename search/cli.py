@@ -12,7 +12,7 @@ from data.images import ImageLoadError, load_image
 from data.readers import DatasetError
 from embedder.registry import UnknownBackendError
 from indexer.logs import setup_logging
-from search.gallery import GalleryError
+from search.gallery import Gallery, GalleryError
 from search.searcher import Searcher
 
 log = logging.getLogger("face-search")
@@ -158,6 +158,77 @@ def audit(gallery_dir: str, out: str | None, duplicate_threshold: float, limit: 
         raise click.ClickException(str(err)) from err
     path = write_audit_html(result, gallery, out or Path(gallery_dir) / "audit.html", limit=limit)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_audit(result) + f"\nHTML: {path}")
+
+
+@main.command()
+@click.option("--gallery", "gallery_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Gallery directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-upload-mb", type=click.FloatRange(0.01), default=10.0, show_default=True, help="Largest upload accepted.")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image accepted, in pixels (checked before decoding).")
+@click.option("--max-k", type=click.IntRange(1, 1000), default=100, show_default=True, help="Largest k a request may ask for.")
+@click.option("--concurrency", type=click.IntRange(1), default=None, help="Searches at once [default: core count].")
+def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixels: int, max_k: int,
+          concurrency: int | None) -> None:
+    """Serve the gallery over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs.
+
+    Set FACESEARCH_API_TOKEN to require "Authorization: Bearer <token>" on /v1.
+
+    Example:
+
+        face-search serve --gallery gallery/ --port 8000
+        curl -F image=@me.jpg -F k=5 http://127.0.0.1:8000/v1/search
+    """
+    try:
+        from search.service import ServiceSettings, serve as run_service
+    except ImportError as err:
+        raise click.ClickException(f"the service needs FastAPI and uvicorn: pip install 'facesearch[serve]' ({err})") from err
+    settings = ServiceSettings(gallery=gallery_dir, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                               max_k=max_k, **({"concurrency": concurrency} if concurrency else {}))
+    try:
+        Gallery.load(gallery_dir)  # fail here, with a clean message, rather than inside uvicorn's start-up
+    except GalleryError as err:
+        raise click.ClickException(str(err)) from err
+    run_service(settings, host=host, port=port)
+
+
+@main.command()
+@click.option("--gallery", "gallery_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Gallery directory.")
+@click.option("--allow", "allowed", multiple=True, type=int, help="Telegram user id allowed to use the bot (repeatable) [default: everyone].")
+@click.option("--rate", type=click.IntRange(1), default=6, show_default=True, help="Photos per user per minute.")
+@click.option("--max-file-mb", type=click.FloatRange(0.01), default=10.0, show_default=True, help="Largest photo or file accepted.")
+@click.option("--max-faces", type=click.IntRange(1, 10), default=5, show_default=True, help="Faces answered per photo, largest first.")
+@click.option("--api-server", help="Bot API server URL [default: Telegram's].")
+def bot(gallery_dir: str, allowed: tuple[int, ...], rate: int, max_file_mb: float, max_faces: int, api_server: str | None) -> None:
+    """Run a Telegram bot that answers each face of a photo with its 8 most
+    similar gallery faces. The token is read from TELEGRAM_BOT_TOKEN.
+
+    Example:
+
+        TELEGRAM_BOT_TOKEN=123:abc face-search bot --gallery gallery/ --allow 12345
+    """
+    import asyncio
+    import os
+
+    try:
+        from search.bot import TOKEN_ENV, BotSettings, run_bot
+        import aiogram  # noqa: F401
+    except ImportError as err:
+        raise click.ClickException(f"the bot needs aiogram 3: pip install 'facesearch[bot]' ({err})") from err
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise click.ClickException(f"set {TOKEN_ENV} to the bot's token (from @BotFather); it is never taken as a flag")
+    try:
+        Gallery.load(gallery_dir)
+    except GalleryError as err:
+        raise click.ClickException(str(err)) from err
+    settings = BotSettings(gallery=gallery_dir, allowed_users=frozenset(allowed) if allowed else None, rate_limit=rate,
+                           max_file_bytes=int(max_file_mb * 2**20), max_faces=max_faces, api_server=api_server)
+    try:
+        asyncio.run(run_bot(settings, token))
+    except KeyboardInterrupt:
+        log.info("bot stopped")
 
 
 def format_table(report: list[dict]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,11 @@ esc = html.escape
 
 def face_thumbnail(image: np.ndarray, box: Sequence[float], size: int = THUMB_SIZE, margin: float = 0.2) -> str:
     """A square JPEG data URI of the face in ``box`` (x1, y1, x2, y2) with ``margin`` around it."""
+    return "data:image/jpeg;base64," + base64.b64encode(face_thumbnail_jpeg(image, box, size, margin)).decode("ascii")
+
+
+def face_crop(image: np.ndarray, box: Sequence[float], size: int = THUMB_SIZE, margin: float = 0.2) -> np.ndarray:
+    """A square RGB crop (size x size) of the face in ``box`` with ``margin`` around it, grey outside the image."""
     x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
@@ -42,11 +48,19 @@ def face_thumbnail(image: np.ndarray, box: Sequence[float], size: int = THUMB_SI
     if sx2 > sx1 and sy2 > sy1:
         canvas[sy1 - top : sy2 - top, sx1 - left : sx2 - left] = image[sy1:sy2, sx1:sx2]
     interpolation = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-    thumb = cv2.resize(canvas, (size, size), interpolation=interpolation)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 82])
+    return cv2.resize(canvas, (size, size), interpolation=interpolation)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 82) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover - encoding a valid array does not fail
-        return MISSING_THUMB
-    return "data:image/jpeg;base64," + base64.b64encode(data.tobytes()).decode("ascii")
+        raise ValueError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def face_thumbnail_jpeg(image: np.ndarray, box: Sequence[float], size: int = THUMB_SIZE, margin: float = 0.2) -> bytes:
+    """The JPEG bytes of :func:`face_crop`."""
+    return encode_jpeg(face_crop(image, box, size, margin))
 
 
 class GalleryThumbnails:
@@ -58,9 +72,14 @@ class GalleryThumbnails:
         self._thumbs: dict[int, str] = {}
         self._images: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._cache_images = cache_images
+        self._lock = threading.Lock()  # the service and the bot read thumbnails from worker threads
         self.missing = 0
 
     def _image(self, relative: str) -> np.ndarray | None:
+        with self._lock:
+            return self._image_locked(relative)
+
+    def _image_locked(self, relative: str) -> np.ndarray | None:
         if relative in self._images:
             self._images.move_to_end(relative)
             return self._images[relative]
@@ -76,15 +95,20 @@ class GalleryThumbnails:
             self._images.popitem(last=False)
         return image
 
+    def crop(self, face_id: int, size: int | None = None) -> np.ndarray | None:
+        """The face's square RGB crop, or None when its image cannot be read."""
+        row = self.gallery.row(face_id)
+        image = self._image(row["path"])
+        return None if image is None else face_crop(image, row["box"], size or self.size)
+
     def __call__(self, face_id: int) -> str:
         if face_id not in self._thumbs:
-            row = self.gallery.row(face_id)
-            image = self._image(row["path"])
-            if image is None:
+            crop = self.crop(face_id)
+            if crop is None:
                 self.missing += 1
                 self._thumbs[face_id] = MISSING_THUMB
             else:
-                self._thumbs[face_id] = face_thumbnail(image, row["box"], self.size)
+                self._thumbs[face_id] = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(crop)).decode("ascii")
         return self._thumbs[face_id]
 
 

@@ -18,11 +18,45 @@ def test_registry_lists_and_rejects_names():
         create("embedder", "facenet")
 
 
+def _loaded(backend) -> bool:  # noqa: ANN001
+    return backend._model is not None or getattr(backend._local, "model", None) is not None
+
+
 def test_models_load_lazily():
     pipeline = FacePipeline()
-    assert pipeline.detector._model is None and pipeline.embedder._model is None
+    assert not _loaded(pipeline.detector) and not _loaded(pipeline.landmarker) and not _loaded(pipeline.embedder)
     assert pipeline.describe()["embedder"]["dim"] == 128  # describing loads nothing either
-    assert pipeline.embedder._model is None
+    assert not _loaded(pipeline.embedder)
+    pipeline(np.zeros((64, 64, 3), np.uint8))
+    assert _loaded(pipeline.detector)
+
+
+def test_dlib_models_are_per_thread_and_threads_agree():
+    """dlib objects are not thread-safe: each thread gets its own, and concurrent answers equal serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data.images import load_image
+    from tests.conftest import PHOTOS
+
+    pipeline = FacePipeline()
+    images = [load_image(PHOTOS / f"group{i}.jpg") for i in (1, 2, 3)]
+    serial = [[f.embedding for f in pipeline(im)] for im in images]
+    import threading
+
+    barrier = threading.Barrier(3)  # three tasks on three threads at once
+
+    def model_id(_: int) -> int:
+        barrier.wait(timeout=30)
+        return id(pipeline.detector._get())
+
+    with ThreadPoolExecutor(3) as pool:
+        models = set(pool.map(model_id, range(3)))
+        parallel = list(pool.map(pipeline, images * 2))
+    assert len(models) == 3 and id(pipeline.detector._get()) not in models
+    for got, want in zip(parallel, serial * 2):
+        assert len(got) == len(want)
+        for face, emb in zip(got, want):
+            assert float(face.embedding @ emb) > 0.99999
 
 
 def test_empty_in_empty_out():

@@ -48,13 +48,28 @@ def model_path(name: str) -> str:
 
 
 class _Lazy:
-    """Loads a model once per process on first use (thread-safe)."""
+    """Loads a model on first use, never at import.
+
+    dlib's detectors, shape predictors and networks keep scratch buffers inside
+    and must not be called from two threads at once (dlib's own thread-safety
+    notes), so by default each thread loads its own copy (``per_thread``); the
+    HTTP service and the bot search from worker threads. A backend whose model
+    is safe to share (torch inference) sets ``per_thread = False``.
+    """
+
+    per_thread = True
 
     def __init__(self) -> None:
         self._model: Any = None
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def _get(self) -> Any:
+        if self.per_thread:
+            model = getattr(self._local, "model", None)
+            if model is None:
+                model = self._local.model = self._load()
+            return model
         if self._model is None:
             with self._lock:
                 if self._model is None:
@@ -68,11 +83,13 @@ class _Lazy:
         state = self.__dict__.copy()
         state["_model"] = None
         state["_lock"] = None
+        state["_local"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._local = threading.local()
 
 
 def _dlib_version() -> str:
@@ -320,6 +337,7 @@ class DlibResnetTorchEmbedder(_Lazy):
     dim = 128
     crop: AlignTemplate = dlib_chip_template(150, 0.25)
     batched = True
+    per_thread = False  # torch inference is thread-safe: one model for all threads
 
     def __init__(self, device: str = "auto", batch_size: int = 64, channels_last: bool | None = None) -> None:
         super().__init__()

@@ -1,0 +1,261 @@
+"""``face-search bot``: a Telegram bot (aiogram 3) that answers a photo with look-alikes.
+
+For each face of a photo (largest first, up to ``max_faces``) it replies with
+one image: the face beside its 8 most similar gallery faces, cosine values and
+colour coding by the gallery's calibration, and a short caption. Photos are
+held in memory only. Users can be restricted to an allowlist, are rate
+limited, and files over a size limit are refused before download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from data.images import ImageLoadError, load_image_bytes
+from search.calibration import Calibration
+from search.html import GalleryThumbnails, encode_jpeg, face_crop
+from search.searcher import FaceResult, Match, Searcher
+
+log = logging.getLogger("facesearch.bot")
+
+TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
+HELP = (
+    "Send me a photo (or an image file) and I will show, for each face in it, the {k} most similar "
+    "faces of my gallery of {faces:,} faces, with their cosine similarity.\n\n"
+    "Green: the same person, yellow: uncertain, red: a different person{calibrated}.\n"
+    "I keep your photo in memory only while I answer, and never store it."
+)
+# BGR colours for OpenCV
+COLOURS = {"same": (58, 127, 27), "uncertain": (0, 138, 201), "different": (30, 38, 179), None: (119, 119, 119)}
+VERDICT_TEXT = {"same": "same person", "uncertain": "uncertain", "different": "different person", None: "uncalibrated"}
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    gallery: str
+    allowed_users: frozenset[int] | None = None  # None: everyone
+    rate_limit: int = 6  # photos per user ...
+    rate_window: float = 60.0  # ... per this many seconds
+    max_file_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    max_faces: int = 5  # reply images per photo (Telegram albums hold at most 10)
+    k: int = 8
+    concurrency: int = 2  # searches at once
+    api_server: str | None = None  # a Bot API server other than api.telegram.org (tests, self-hosted)
+
+
+class RateLimiter:
+    """At most ``limit`` events per ``window`` seconds per key (sliding window)."""
+
+    def __init__(self, limit: int, window: float, clock=time.monotonic) -> None:  # noqa: ANN001
+        self.limit, self.window, self.clock = limit, window, clock
+        self._events: dict[int, deque[float]] = defaultdict(deque)
+
+    def allow(self, key: int) -> float:
+        """0 when allowed (and counted), else the seconds to wait."""
+        now = self.clock()
+        events = self._events[key]
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        if len(events) >= self.limit:
+            return events[0] + self.window - now
+        events.append(now)
+        return 0.0
+
+
+def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45, colour=(30, 30, 30), bold: int = 1) -> None:  # noqa: ANN001
+    cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, bold, cv2.LINE_AA)
+
+
+def render_reply(query: np.ndarray, matches: Sequence[Match], crops: Sequence[np.ndarray | None], title: str) -> np.ndarray:
+    """One reply image (RGB): the query face left, its matches in a 4-column grid right."""
+    tile, pad, caption_h, cols = 112, 10, 34, 4
+    rows = max(1, (len(matches) + cols - 1) // cols)
+    qsize = 2 * tile + caption_h
+    width = pad + qsize + 2 * pad + cols * (tile + pad)
+    height = 30 + max(qsize + caption_h, rows * (tile + caption_h + pad)) + pad
+    canvas = np.full((height, width, 3), 250, np.uint8)  # BGR while drawing
+    _text(canvas, title[:90], (pad, 20), 0.5, bold=1)
+    y0 = 30
+    q = cv2.resize(query, (qsize, qsize), interpolation=cv2.INTER_AREA if query.shape[0] > qsize else cv2.INTER_LINEAR)
+    canvas[y0:y0 + qsize, pad:pad + qsize] = q[:, :, ::-1]
+    cv2.rectangle(canvas, (pad - 2, y0 - 2), (pad + qsize + 1, y0 + qsize + 1), (40, 40, 40), 2)
+    _text(canvas, "query face", (pad, y0 + qsize + 18))
+    x_grid = pad + qsize + 2 * pad
+    for i, (m, crop) in enumerate(zip(matches, crops)):
+        r, c = divmod(i, cols)
+        x, y = x_grid + c * (tile + pad), y0 + r * (tile + caption_h + pad)
+        colour = COLOURS.get(m.verdict, COLOURS[None])
+        if crop is None:
+            cv2.rectangle(canvas, (x, y), (x + tile, y + tile), (221, 221, 221), -1)
+            _text(canvas, "?", (x + tile // 2 - 8, y + tile // 2 + 8), 1.0, (136, 136, 136), 2)
+        else:
+            canvas[y:y + tile, x:x + tile] = cv2.resize(crop, (tile, tile))[:, :, ::-1]
+        cv2.rectangle(canvas, (x - 2, y - 2), (x + tile + 1, y + tile + 1), colour, 4)
+        _text(canvas, f"{m.cosine:.3f}", (x, y + tile + 15), 0.5, colour, 2)
+        _text(canvas, f"id {m.identity}"[:16] if m.identity is not None else "no id", (x, y + tile + 30), 0.4)
+    return canvas[:, :, ::-1].copy()
+
+
+def reply_caption(result: FaceResult, index: int, total: int, shown: int, calibration: Calibration | None) -> str:
+    lines = [f"Face {index + 1} of {total}" + (f" (the {shown} largest are shown)" if total > shown and index == 0 else "")]
+    if result.matches:
+        best = result.matches[0]
+        verdict = f", {VERDICT_TEXT[best.verdict]}" if calibration is not None else ""
+        lines.append(f"Most similar: id {best.identity}, cosine {best.cosine:.3f}{verdict}")
+        lines.append("Top: " + ", ".join(f"{m.cosine:.3f}" for m in result.matches))
+    return "\n".join(lines)[:1024]
+
+
+class FaceBot:
+    """The bot's logic, independent of Telegram: photo bytes in, reply images and captions out."""
+
+    def __init__(self, searcher: Searcher, settings: BotSettings) -> None:
+        self.searcher = searcher
+        self.settings = settings
+        self.thumbs = GalleryThumbnails(searcher.gallery)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)
+        self._slots = asyncio.Semaphore(settings.concurrency)
+
+    def help_text(self) -> str:
+        calibration = self.searcher.gallery.calibration
+        note = f" (thresholds {calibration.threshold:.3f} / {calibration.uncertain_threshold:.3f})" if calibration else \
+            "; this gallery is not calibrated yet, so all are grey"
+        return HELP.format(k=self.settings.k, faces=len(self.searcher.gallery), calibrated=note)
+
+    def answer(self, data: bytes) -> list[tuple[bytes, str]]:
+        """(JPEG, caption) per face shown; [] when no face. Raises ImageLoadError."""
+        image = load_image_bytes(data, self.settings.max_pixels)
+        results = self.searcher.search(image, k=self.settings.k)
+        shown = results[: self.settings.max_faces]
+        calibration = self.searcher.gallery.calibration
+        replies = []
+        for i, result in enumerate(shown):
+            crops = [self.thumbs.crop(m.face_id) for m in result.matches]
+            title = f"face {i + 1} of {len(results)}: the {len(result.matches)} most similar gallery faces"
+            picture = render_reply(face_crop(image, result.face.detection.box, 224), result.matches, crops, title)
+            replies.append((encode_jpeg(picture, 88), reply_caption(result, i, len(results), len(shown), calibration)))
+        return replies
+
+    async def answer_async(self, data: bytes) -> list[tuple[bytes, str]]:
+        async with self._slots:
+            return await asyncio.to_thread(self.answer, data)
+
+
+def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
+    from aiogram import Dispatcher, F, Router
+    from aiogram.filters import Command, CommandStart
+    from aiogram.types import BufferedInputFile, InputMediaPhoto, Message
+
+    settings = face_bot.settings
+    router = Router(name="facesearch")
+
+    def allowed(message: Message) -> bool:
+        user = message.from_user.id if message.from_user else None
+        return settings.allowed_users is None or user in settings.allowed_users
+
+    @router.message(CommandStart())
+    @router.message(Command("help"))
+    async def start(message: Message) -> None:
+        if not allowed(message):
+            await message.reply("Sorry, this bot is private.")
+            return
+        await message.reply(face_bot.help_text())
+
+    async def handle_image(message: Message, file_id: str, size: int | None) -> None:
+        user = message.from_user.id if message.from_user else 0
+        if not allowed(message):
+            log.info("refused user %s: not on the allowlist", user)
+            await message.reply("Sorry, this bot is private.")
+            return
+        if size is not None and size > settings.max_file_bytes:
+            await message.reply(f"That file is too large ({size / 2**20:.1f} MB). "
+                                 f"Please send one under {settings.max_file_bytes / 2**20:.0f} MB.")
+            return
+        wait = face_bot.limiter.allow(user)
+        if wait:
+            await message.reply(f"You are sending photos quickly; please wait {wait:.0f} s and try again.")
+            return
+        buffer = io.BytesIO()  # memory only: the photo never touches the disk
+        try:
+            await message.bot.download(file_id, destination=buffer)
+            data = buffer.getvalue()
+            if len(data) > settings.max_file_bytes:
+                await message.reply("That file is too large.")
+                return
+            replies = await face_bot.answer_async(data)
+        except ImageLoadError as err:
+            log.info("user %s sent an unreadable image: %s", user, err.reason)
+            await message.reply("Sorry, I could not read that image. Please send a JPEG or PNG photo.")
+            return
+        except Exception:  # noqa: BLE001 - any failure gets a polite answer; the log has the details
+            log.exception("failed to answer user %s", user)
+            await message.reply("Sorry, something went wrong on my side. Please try again later.")
+            return
+        finally:
+            buffer.close()
+        if not replies:
+            await message.reply("I could not find a face in this photo. Try one where a face is clearly "
+                                 "visible, facing the camera, and at least about 80 pixels tall.")
+            return
+        files = [BufferedInputFile(jpeg, filename=f"face-{i + 1}.jpg") for i, (jpeg, _) in enumerate(replies)]
+        if len(replies) == 1:
+            await message.reply_photo(files[0], caption=replies[0][1])
+        else:
+            await message.reply_media_group([InputMediaPhoto(media=f, caption=c) for f, (_, c) in zip(files, replies)])
+        log.info("answered user %s: %d face(s)", user, len(replies))
+
+    @router.message(F.photo)
+    async def photo(message: Message) -> None:
+        largest = message.photo[-1]
+        await handle_image(message, largest.file_id, largest.file_size)
+
+    @router.message(F.document)
+    async def document(message: Message) -> None:
+        doc = message.document
+        if not (doc.mime_type or "").startswith("image/"):
+            await message.reply("Please send a photo or an image file.")
+            return
+        await handle_image(message, doc.file_id, doc.file_size)
+
+    @router.message()
+    async def other(message: Message) -> None:
+        if allowed(message):
+            await message.reply("Send me a photo with a face in it. /help says more.")
+
+    dispatcher = Dispatcher()
+    dispatcher.include_router(router)
+    return dispatcher
+
+
+def make_bot(token: str, api_server: str | None = None) -> Any:
+    from aiogram import Bot
+    from aiogram.client.session.aiohttp import AiohttpSession
+    from aiogram.client.telegram import TelegramAPIServer
+
+    session = AiohttpSession(api=TelegramAPIServer.from_base(api_server)) if api_server else AiohttpSession()
+    return Bot(token, session=session)
+
+
+async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None = None) -> None:
+    """Load the gallery and models, then poll Telegram until cancelled."""
+    searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
+    await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
+    face_bot = FaceBot(searcher, settings)
+    dispatcher = build_dispatcher(face_bot)
+    bot = make_bot(token, settings.api_server)
+    log.info("bot ready: %d gallery faces, allowlist %s", len(searcher.gallery),
+             "off" if settings.allowed_users is None else f"{len(settings.allowed_users)} users")
+    try:
+        await dispatcher.start_polling(bot, handle_signals=False)
+    finally:
+        await bot.session.close()

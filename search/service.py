@@ -1,0 +1,204 @@
+"""``face-search serve``: the HTTP search service (FastAPI, run by uvicorn).
+
+A thin layer over :class:`search.searcher.Searcher`:
+
+- the gallery and the models are loaded once, at start-up (``/readyz`` turns
+  200 when they are);
+- inference runs in worker threads, off the event loop, at most
+  ``concurrency`` at a time; other requests wait their turn;
+- limits (upload bytes, image pixels, k) answer 413 / 422 with a message;
+- ``FACESEARCH_API_TOKEN``, when set, is the bearer token every ``/v1`` call needs;
+- one structured (JSON) log line per request, never image content.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data.images import ImageLoadError, ImageTooLargeError, load_image_bytes
+from search.html import GalleryThumbnails, encode_jpeg
+from search.searcher import Searcher
+
+log = logging.getLogger("facesearch.service")
+access_log = logging.getLogger("facesearch.access")
+
+TOKEN_ENV = "FACESEARCH_API_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    gallery: str
+    max_upload_bytes: int = 10 * 2**20  # larger uploads: 413
+    max_pixels: int = 40_000_000  # larger images are refused before decoding: 413
+    max_k: int = 100  # k outside 1..max_k: 422
+    concurrency: int = max(1, os.cpu_count() or 1)  # searches running at once; more threads than cores gain nothing
+    token: str | None = None  # None: read TOKEN_ENV; empty: no authentication
+
+
+def _matches(result: list, threshold: float | None) -> list[dict[str, Any]]:
+    return [m.to_dict() for m in result if threshold is None or m.cosine >= threshold]
+
+
+def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optional dependency
+    """The FastAPI app. Importing FastAPI happens here, so the library works without it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, Field
+
+    token = settings.token if settings.token is not None else os.environ.get(TOKEN_ENV, "")
+    state: dict[str, Any] = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        start = time.perf_counter()
+        searcher = await asyncio.to_thread(Searcher, settings.gallery)
+        # Warm up: load the detector, landmarks and embedder now, not on the first request.
+        await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)
+        state.update(searcher=searcher, thumbs=GalleryThumbnails(searcher.gallery),
+                     slots=asyncio.Semaphore(settings.concurrency), ready=True)
+        log.info(json.dumps({"event": "ready", "gallery": settings.gallery, "faces": len(searcher.gallery),
+                             "seconds": round(time.perf_counter() - start, 2), "auth": bool(token)}))
+        yield
+        state["ready"] = False
+
+    app = FastAPI(
+        title="facesearch", version="1", lifespan=lifespan,
+        description="Face search over a gallery: who looks like this face?",
+    )
+
+    @app.middleware("http")
+    async def access(request: Request, call_next):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        response = await call_next(request)
+        access_log.info(json.dumps({
+            "method": request.method, "path": request.url.path, "status": response.status_code,
+            "ms": round(1000 * (time.perf_counter() - start), 1),
+            "bytes_in": int(request.headers.get("content-length") or 0),
+            "client": request.client.host if request.client else None,
+        }))
+        return response
+
+    def authorise(request: Request) -> None:
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def searcher() -> Searcher:
+        if not state["ready"]:
+            raise HTTPException(503, "the gallery is still loading")
+        return state["searcher"]
+
+    async def run(fn, *args):  # noqa: ANN001, ANN002, ANN202
+        async with state["slots"]:
+            return await asyncio.to_thread(fn, *args)
+
+    def check_k(k: int) -> None:
+        if not 1 <= k <= settings.max_k:
+            raise HTTPException(422, f"k must be between 1 and {settings.max_k}, got {k}")
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """The gallery and models are loaded: 200, else 503."""
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "faces": len(state["searcher"].gallery)})
+
+    @app.post("/v1/search", dependencies=[Depends(authorise)], tags=["search"])
+    async def search(
+        request: Request,
+        image: UploadFile = File(..., description="The query image (JPEG, PNG, ...)."),
+        k: int = Form(8, description="Matches per face."),
+        threshold: float | None = Form(None, description="Drop matches with a lower cosine."),
+    ) -> dict[str, Any]:
+        """Every face of the image (largest first) with its k nearest gallery faces."""
+        check_k(k)
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > settings.max_upload_bytes + 64 * 1024:  # multipart overhead allowed
+            raise HTTPException(413, f"upload of {declared} bytes is over the limit of {settings.max_upload_bytes}")
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"image is over the upload limit of {settings.max_upload_bytes} bytes")
+        s = searcher()
+        try:
+            pixels = await run(load_image_bytes, data, settings.max_pixels)
+        except ImageTooLargeError as err:
+            raise HTTPException(413, err.reason) from err
+        except ImageLoadError as err:
+            raise HTTPException(422, f"cannot read the image: {err.reason}") from err
+        results = await run(s.search, pixels, k)
+        faces = []
+        for r in results:
+            face = r.to_dict()
+            face["matches"] = _matches(r.matches, threshold)
+            faces.append(face)
+        calibration = s.gallery.calibration
+        return {"faces": faces, "image": {"width": int(pixels.shape[1]), "height": int(pixels.shape[0])},
+                "calibration": calibration.to_dict() if calibration else None}
+
+    class VectorQuery(BaseModel):
+        vectors: list[list[float]] = Field(..., description="Embeddings, one per row (normalised by the service).")
+        k: int = 8
+        threshold: float | None = None
+
+    @app.post("/v1/search/vector", dependencies=[Depends(authorise)], tags=["search"])
+    async def search_vector(query: VectorQuery) -> dict[str, Any]:
+        """The k nearest gallery faces of each embedding."""
+        check_k(query.k)
+        s = searcher()
+        if len(query.vectors) > 1000:
+            raise HTTPException(413, "at most 1000 vectors per request")
+        try:
+            results = await run(s.search_vectors, np.asarray(query.vectors, dtype=np.float32)
+                                if query.vectors else np.zeros((0, s.gallery.dim), np.float32), query.k)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+        return {"results": [_matches(r, query.threshold) for r in results]}
+
+    @app.get("/v1/faces/{face_id}", dependencies=[Depends(authorise)], tags=["faces"])
+    async def face(face_id: int) -> dict[str, Any]:
+        """A gallery face's metadata."""
+        s = searcher()
+        try:
+            return s.gallery.row(face_id)
+        except KeyError as err:
+            raise HTTPException(404, f"no face {face_id} in this gallery of {len(s.gallery)}") from err
+
+    @app.get("/v1/faces/{face_id}/thumbnail", dependencies=[Depends(authorise)], tags=["faces"],
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumbnail(face_id: int, size: int = 112) -> Response:
+        """A square JPEG of the face, read from the gallery's dataset."""
+        s = searcher()
+        if not 16 <= size <= 512:
+            raise HTTPException(422, f"size must be between 16 and 512, got {size}")
+        if not 0 <= face_id < len(s.gallery):
+            raise HTTPException(404, f"no face {face_id} in this gallery of {len(s.gallery)}")
+        crop = await run(state["thumbs"].crop, face_id, size)
+        if crop is None:
+            raise HTTPException(404, f"the image of face {face_id} is not readable at the gallery's dataset root")
+        return Response(encode_jpeg(crop), media_type="image/jpeg")
+
+    return app
+
+
+def serve(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)

@@ -1,0 +1,197 @@
+"""The Telegram bot end to end: aiogram polls a small Bot API server (aiohttp) that the test runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from search import Searcher
+from search.bot import BotSettings, RateLimiter, run_bot
+from tests.conftest import PHOTOS
+
+pytestmark = pytest.mark.needs_data
+TOKEN = "123456:TEST-token"
+USER, STRANGER = 100, 200
+
+
+class FakeBotAPI:
+    """getMe, getUpdates, getFile, file download, sendPhoto, sendMediaGroup, sendMessage; records replies."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict] = []
+        self.files: dict[str, bytes] = {}
+        self.sent: list[dict] = []
+        self.downloads: list[str] = []
+        self.next_update = 1
+        self.next_message = 1000
+
+    def add_photo(self, user: int, data: bytes, declared_size: int | None = None, as_document: bool = False) -> None:
+        file_id = f"file{len(self.files) + 1}"
+        self.files[file_id] = data
+        size = len(data) if declared_size is None else declared_size
+        message = {"message_id": self.next_update, "date": 1_700_000_000, "chat": {"id": user, "type": "private"},
+                   "from": {"id": user, "is_bot": False, "first_name": "Tester"}}
+        if as_document:
+            message["document"] = {"file_id": file_id, "file_unique_id": file_id, "file_name": "me.jpg",
+                                   "mime_type": "image/jpeg", "file_size": size}
+        else:
+            message["photo"] = [{"file_id": file_id, "file_unique_id": file_id, "width": 1920, "height": 1280, "file_size": size}]
+        self.updates.append({"update_id": self.next_update, "message": message})
+        self.next_update += 1
+
+    def add_text(self, user: int, text: str) -> None:
+        message = {"message_id": self.next_update, "date": 1_700_000_000, "chat": {"id": user, "type": "private"},
+                   "from": {"id": user, "is_bot": False, "first_name": "Tester"}, "text": text}
+        if text.startswith("/"):
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        self.updates.append({"update_id": self.next_update, "message": message})
+        self.next_update += 1
+
+    def _message(self, chat_id) -> dict:  # noqa: ANN001
+        self.next_message += 1
+        return {"message_id": self.next_message, "date": 1_700_000_000, "chat": {"id": int(chat_id), "type": "private"}}
+
+    async def handle(self, request):  # noqa: ANN001, ANN201
+        from aiohttp import web
+
+        assert request.match_info["token"] == TOKEN
+        method = request.match_info["method"]
+        form = await request.post()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        uploads = {k: v.file.read() for k, v in form.items() if not isinstance(v, str)}
+        if method == "getMe":
+            result = {"id": 42, "is_bot": True, "first_name": "FaceBot", "username": "face_test_bot"}
+        elif method == "getUpdates":
+            offset = int(fields.get("offset", 0) or 0)
+            pending = [u for u in self.updates if u["update_id"] >= offset]
+            if not pending:
+                await asyncio.sleep(0.1)
+            result = pending[:1]  # one at a time, so the order of answers is the order of updates
+        elif method == "getFile":
+            file_id = fields["file_id"]
+            result = {"file_id": file_id, "file_unique_id": file_id, "file_size": len(self.files[file_id]),
+                      "file_path": f"photos/{file_id}.jpg"}
+        elif method in ("sendPhoto", "sendMessage", "sendMediaGroup"):
+            reply_to = json.loads(fields.get("reply_parameters", "{}")).get("message_id", fields.get("reply_to_message_id"))
+            record = {"method": method, "chat_id": int(fields["chat_id"]), "fields": fields, "uploads": uploads,
+                      "reply_to": None if reply_to is None else int(reply_to)}
+            self.sent.append(record)
+            if method == "sendMediaGroup":
+                result = [self._message(fields["chat_id"]) for _ in json.loads(fields["media"])]
+            else:
+                result = self._message(fields["chat_id"])
+        else:
+            result = True
+        return web.json_response({"ok": True, "result": result})
+
+    async def download(self, request):  # noqa: ANN001, ANN201
+        from aiohttp import web
+
+        file_id = Path(request.match_info["path"]).stem
+        self.downloads.append(file_id)
+        return web.Response(body=self.files[file_id], content_type="image/jpeg")
+
+
+async def _run_conversation(gallery_dir, api: FakeBotAPI, settings_kw: dict, expected_replies: int) -> None:
+    from aiohttp import web
+
+    app = web.Application(client_max_size=50 * 2**20)
+    app.router.add_route("*", "/bot{token}/{method}", api.handle)
+    app.router.add_get("/file/bot{token}/{path:.+}", api.download)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    settings = BotSettings(gallery=str(gallery_dir), api_server=f"http://127.0.0.1:{port}", **settings_kw)
+    task = asyncio.create_task(run_bot(settings, TOKEN, searcher=Searcher(gallery_dir)))
+    try:
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if task.done():
+                task.result()
+            if len(api.sent) >= expected_replies:
+                break
+        await asyncio.sleep(0.5)  # nothing more should arrive
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[0] > 200 and image.shape[1] > 500
+    return image
+
+
+def test_bot_answers_each_face_and_enforces_limits(celeba_gallery, tmp_path, monkeypatch):
+    gallery_dir = celeba_gallery[0]
+    before = sorted(p.relative_to(gallery_dir) for p in gallery_dir.rglob("*"))
+    # Nothing may be written: the working directory and the temp dir are fresh and must stay empty.
+    work, temp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    group = (PHOTOS / "group1.jpg").read_bytes()
+    api = FakeBotAPI()
+    api.add_text(USER, "/start")                                          # 1: help text
+    api.add_photo(USER, group)                                            # 2: album, one image per face
+    api.add_photo(USER, (PHOTOS / "group2.jpg").read_bytes(), as_document=True)  # 3: as a document
+    api.add_photo(USER, group, declared_size=30 * 2**20)                  # 4: over the size limit
+    api.add_photo(USER, group)                                            # 5: over the rate limit (2 per minute)
+    api.add_photo(STRANGER, group)                                        # 6: not on the allowlist
+    api.add_photo(STRANGER + 1, b"\x89PNG not really")                    # 7: unreadable (allowed user)
+    blank = cv2.imencode(".jpg", np.full((300, 300, 3), 127, np.uint8))[1].tobytes()
+    api.add_photo(STRANGER + 1, blank)                                    # 8: no face
+    settings = {"allowed_users": frozenset({USER, STRANGER + 1}), "rate_limit": 2, "rate_window": 60.0,
+                "max_file_bytes": 5 * 2**20}
+    asyncio.run(_run_conversation(gallery_dir, api, settings, expected_replies=8))
+
+    # Updates are handled concurrently; each answer replies to its message (update i = message i).
+    assert len(api.sent) == 8, [(s["method"], s["fields"].get("text")) for s in api.sent]
+    sent = {s["reply_to"]: s for s in api.sent}
+    assert sorted(sent) == list(range(1, 9))
+    assert sent[1]["method"] == "sendMessage" and "Send me a photo" in sent[1]["fields"]["text"]
+    # group1.jpg: 3 faces, one reply image each, in an album with captions holding cosine values
+    album = sent[2]
+    assert album["method"] == "sendMediaGroup" and album["chat_id"] == USER
+    media = json.loads(album["fields"]["media"])
+    assert len(media) == 3 and len(album["uploads"]) == 3
+    for item in media:
+        assert "cosine" in item["caption"] and item["caption"].startswith("Face ")
+        values = [float(v) for v in item["caption"].split("Top: ")[1].split(", ")]
+        assert len(values) == 8 and values == sorted(values, reverse=True) and all(0 < v <= 1 for v in values)
+    for data in album["uploads"].values():
+        _decode(data)
+    assert sent[3]["method"] in ("sendMediaGroup", "sendPhoto")  # the document is answered like a photo
+    assert all(_decode(d) is not None for d in sent[3]["uploads"].values())
+    assert sent[4]["method"] == "sendMessage" and "too large" in sent[4]["fields"]["text"]
+    assert sent[5]["method"] == "sendMessage" and "please wait" in sent[5]["fields"]["text"]
+    assert "private" in sent[6]["fields"]["text"] and sent[6]["chat_id"] == STRANGER
+    assert "could not read" in sent[7]["fields"]["text"]
+    assert "could not find a face" in sent[8]["fields"]["text"]
+    # The oversized, rate-limited and refused photos were never downloaded.
+    assert sorted(api.downloads) == ["file1", "file2", "file6", "file7"]
+    assert list(work.iterdir()) == [] and list(temp.iterdir()) == []
+    assert sorted(p.relative_to(gallery_dir) for p in gallery_dir.rglob("*")) == before
+
+
+def test_rate_limiter_window():
+    now = [0.0]
+    limiter = RateLimiter(2, 10.0, clock=lambda: now[0])
+    assert limiter.allow(1) == 0 and limiter.allow(1) == 0
+    assert limiter.allow(1) == pytest.approx(10.0)
+    assert limiter.allow(2) == 0  # per user
+    now[0] = 10.5
+    assert limiter.allow(1) == 0
