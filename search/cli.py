@@ -231,6 +231,34 @@ def bot(gallery_dir: str, allowed: tuple[int, ...], rate: int, max_file_mb: floa
         log.info("bot stopped")
 
 
+@main.command()
+@click.argument("source")
+@click.option("--gallery", "gallery_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Gallery directory.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Video file to write [default without a display: watch-SOURCE.mp4].")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True,
+              help="Search every n-th frame; higher is faster, labels lag behind moving faces.")
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
+@click.option("--window/--no-window", default=None, help="Show a window [default: when there is a display].")
+def watch(source: str, gallery_dir: str, out: str | None, every: int, max_frames: int | None, window: bool | None) -> None:
+    """Label the faces of live video with their nearest gallery identity and
+    cosine. SOURCE is a camera index (0) or a video file.
+
+    Example:
+
+        face-search watch clip.mp4 --gallery gallery/ --out clip-labelled.mp4
+    """
+    from search.watch import WatchError, watch as run_watch
+
+    try:
+        summary = run_watch(Searcher(gallery_dir), source, out=out, every=every, max_frames=max_frames, show=window)
+    except (GalleryError, UnknownBackendError, WatchError) as err:
+        raise click.ClickException(str(err)) from err
+    top = ", ".join(f"{k} ({n})" for k, n in sorted(summary.identities.items(), key=lambda kv: -kv[1])[:5]) or "none"
+    where = f" -> {summary.output}" if summary.output else ""
+    click.echo(f"{summary.frames} frames, {summary.faces} faces in {summary.seconds:.1f} s "
+               f"({summary.frames / max(summary.seconds, 1e-9):.1f} frames/s){where}; nearest identities: {top}")
+
+
 def format_table(report: list[dict]) -> str:
     lines: list[str] = []
     for entry in report:
