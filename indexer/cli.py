@@ -9,6 +9,7 @@ import click
 
 from data.images import DEFAULT_MAX_PIXELS
 from data.readers import FORMATS, SPLIT_CHOICES, DatasetError
+from embedder.backends.dlib_backends import BackendUnavailableError
 from embedder.pipeline import PipelineConfig
 from embedder.registry import UnknownBackendError
 from indexer.build import GALLERY_FILE, INDEX_TYPES, GalleryBuildError, build_gallery
@@ -17,7 +18,8 @@ from indexer.logs import setup_logging
 from indexer.runner import IndexRunError, run_index
 
 log = logging.getLogger("face-index")
-DOMAIN_ERRORS = (DatasetError, ConfigMismatchError, GalleryBuildError, IndexRunError, UnknownBackendError, ValueError)
+DOMAIN_ERRORS = (DatasetError, ConfigMismatchError, GalleryBuildError, IndexRunError, UnknownBackendError, BackendUnavailableError,
+                 ValueError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +33,28 @@ def main(verbose: int, quiet: bool) -> None:
         face-index run ~/data/celeba --format celeba --out gallery/
     """
     setup_logging(verbose, quiet)
+
+
+def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:
+    """KEY=VALUE pairs as backend options; numbers and true/false are converted."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
+        text = value.strip()
+        parsed: object = text
+        if text.lower() in ("true", "false"):
+            parsed = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(text)
+                    break
+                except ValueError:
+                    continue
+        options[key.strip().replace("-", "_")] = parsed
+    return options
 
 
 @main.command()
@@ -54,11 +78,17 @@ def main(verbose: int, quiet: bool) -> None:
               help="Where a torch embedder runs: main (batched, GPU), workers (one thread each, CPU).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--detector-option", "detector_kv", multiple=True, metavar="KEY=VALUE",
+              help="A detector backend option, e.g. weights=runs/detector/train/weights/best.pt (repeatable).")
+@click.option("--landmarks-option", "landmarks_kv", multiple=True, metavar="KEY=VALUE",
+              help="A landmark backend option, e.g. checkpoint=runs/landmarks/landmarks.pt (repeatable).")
+@click.option("--embedder-option", "embedder_kv", multiple=True, metavar="KEY=VALUE",
+              help="An embedder backend option, e.g. checkpoint=runs/embedder/embedder.pt or model=w600k_r50.onnx (repeatable).")
 def run(
     dataset_root: str, fmt: str, gallery_dir: str, split: str, limit: int | None, workers: int | None,
     partition_size: int, detector: str, landmarks: str, embedder_name: str, flip: bool, upsample: str,
     max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, embed_in: str, overwrite: bool,
-    progress: bool,
+    progress: bool, detector_kv: tuple[str, ...], landmarks_kv: tuple[str, ...], embedder_kv: tuple[str, ...],
 ) -> None:
     """Index every face of a dataset into a gallery directory.
 
@@ -75,9 +105,12 @@ def run(
         detector_options["upsample"] = int(upsample) if upsample.isdigit() else upsample
     if max_side is not None:
         detector_options["max_side"] = max_side
+    detector_options.update(parse_options(detector_kv, "--detector-option"))
     pipeline = PipelineConfig(
         detector=detector, landmarks=landmarks, embedder=embedder_name, flip=flip,
         max_faces=max_faces, detector_options=detector_options,
+        landmarks_options=parse_options(landmarks_kv, "--landmarks-option"),
+        embedder_options=parse_options(embedder_kv, "--embedder-option"),
     )
     try:
         config = RunConfig(

@@ -10,6 +10,7 @@ import click
 
 from data.images import ImageLoadError, load_image
 from data.readers import DatasetError
+from embedder.backends.dlib_backends import BackendUnavailableError
 from embedder.registry import UnknownBackendError
 from indexer.logs import setup_logging
 from search.gallery import Gallery, GalleryError
@@ -45,7 +46,7 @@ def query(images: tuple[str, ...], gallery_dir: str, k: int, as_json: bool) -> N
     """
     try:
         searcher = Searcher(gallery_dir)
-    except (GalleryError, UnknownBackendError) as err:
+    except (GalleryError, UnknownBackendError, BackendUnavailableError) as err:
         raise click.ClickException(str(err)) from err
     report = []
     for path in images:
@@ -125,7 +126,7 @@ def report(queries: tuple[str, ...], gallery_dir: str, out: str, k: int) -> None
 
     try:
         summary = build_report(gallery_dir, queries, out, k=k)
-    except (GalleryError, UnknownBackendError, ReportError) as err:
+    except (GalleryError, UnknownBackendError, BackendUnavailableError, ReportError) as err:
         raise click.ClickException(str(err)) from err
     verdicts = ", ".join(f"{v} {n}" for v, n in sorted(summary.top_verdicts.items())) or "none"
     click.echo(f"{summary.path}: {summary.queries} images, {summary.faces} faces ({summary.no_face} without a face, "
@@ -251,7 +252,7 @@ def watch(source: str, gallery_dir: str, out: str | None, every: int, max_frames
 
     try:
         summary = run_watch(Searcher(gallery_dir), source, out=out, every=every, max_frames=max_frames, show=window)
-    except (GalleryError, UnknownBackendError, WatchError) as err:
+    except (GalleryError, UnknownBackendError, BackendUnavailableError, WatchError) as err:
         raise click.ClickException(str(err)) from err
     top = ", ".join(f"{k} ({n})" for k, n in sorted(summary.identities.items(), key=lambda kv: -kv[1])[:5]) or "none"
     where = f" -> {summary.output}" if summary.output else ""

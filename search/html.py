@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from data.images import ImageLoadError, load_image
+from embedder.crops import square_crop
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,7 @@ def face_thumbnail(image: np.ndarray, box: Sequence[float], size: int = THUMB_SI
 
 def face_crop(image: np.ndarray, box: Sequence[float], size: int = THUMB_SIZE, margin: float = 0.2) -> np.ndarray:
     """A square RGB crop (size x size) of the face in ``box`` with ``margin`` around it, grey outside the image."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    h, w = image.shape[:2]
-    # crop a square around the face; pad with grey where it leaves the image
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    s = max(1, int(round(side)))
-    canvas = np.full((s, s, 3), 200, np.uint8)
-    sx1, sy1, sx2, sy2 = max(0, left), max(0, top), min(w, left + s), min(h, top + s)
-    if sx2 > sx1 and sy2 > sy1:
-        canvas[sy1 - top : sy2 - top, sx1 - left : sx2 - left] = image[sy1:sy2, sx1:sx2]
-    interpolation = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-    return cv2.resize(canvas, (size, size), interpolation=interpolation)
+    return square_crop(image, box, size, margin)[0]
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 82) -> bytes:
