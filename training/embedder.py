@@ -175,7 +175,7 @@ def train_embedder(labels: str, out: str, settings: EmbedderSettings = EmbedderS
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         metrics = separation(embed_crops(model, val_crops, preprocess, dev), val_labels)
         entry = {"epoch": epoch, "stage": stage, "train_loss": float(np.mean(losses)), "val": metrics,
                  "tpr_at_1e-2": metrics["tpr"], "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}

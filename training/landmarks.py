@@ -94,7 +94,7 @@ def train_landmarks(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if max_steps is not None and step >= max_steps:
                 break

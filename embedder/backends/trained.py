@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedder.align import ARCFACE_112, AlignTemplate
-from embedder.backends.dlib_backends import BackendUnavailableError
+from embedder.backends.dlib_backends import BackendUnavailableError, _Lazy
 from embedder.crops import square_crop
 from embedder.registry import register
 from embedder.types import Detection
@@ -27,33 +27,15 @@ ONNX_HELP = (
 )
 
 
-class _TorchLazy:
-    """One model shared by all threads (torch inference is thread-safe)."""
+class _TorchLazy(_Lazy):
+    """One model shared by all threads (torch and onnxruntime inference are thread-safe)."""
 
-    def __init__(self) -> None:
-        self._model: Any = None
-        self._lock = threading.Lock()
-
-    def _get(self) -> Any:
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
-
-    def _load(self) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
+    per_thread = False
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        state["_lock"] = None
+        state = super().__getstate__()
         state.pop("_predict_lock", None)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _require(path: str | None, what: str, hint: str) -> Path:
