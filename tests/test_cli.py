@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from indexer.cli import main as face_index
 from search.cli import main as face_search
+from training.cli import main as face_train
 from tests.conftest import CELEBA, PHOTOS
 
 
@@ -19,7 +20,7 @@ def _commands(group: click.Group):
         yield [name], command
 
 
-@pytest.mark.parametrize("group", [face_index, face_search], ids=["face-index", "face-search"])
+@pytest.mark.parametrize("group", [face_index, face_search, face_train], ids=["face-index", "face-search", "face-train"])
 def test_every_command_has_help_with_an_example(group):
     runner = CliRunner()
     for args, command in _commands(group):
@@ -62,3 +63,27 @@ def test_query_table_and_json(celeba_gallery, tmp_path):
     assert all(len(f["matches"]) == 2 and len(f["landmarks"]) == 5 for f in report[0]["faces"])
     info = runner.invoke(face_index, ["info", str(out)])
     assert info.exit_code == 0 and json.loads(info.output)["counts"]["images"] == 300
+
+
+def test_missing_trained_weights_are_clean_errors(tmp_path):
+    result = CliRunner().invoke(face_index, ["run", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "g"),
+                                             "--embedder", "timm-arcface", "--embedder-option", f"checkpoint={tmp_path}/none.pt"])
+    assert result.exit_code == 1 and "face-train embedder" in result.output and "Traceback" not in result.output
+    bad = CliRunner().invoke(face_index, ["run", str(tmp_path), "--format", "folder", "--out", str(tmp_path / "g"),
+                                          "--embedder-option", "no-equals-sign"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+@pytest.mark.needs_data
+def test_face_train_detector_pseudo_labels_a_plain_folder(tmp_path):
+    """A folder without annotations is labelled by the default pipeline, then converted."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("group1.jpg", "group2.jpg", "group3.jpg"):
+        (photos / name).symlink_to(PHOTOS / name)
+    result = CliRunner().invoke(face_train, ["detector", str(photos), "--format", "folder", "--out", str(tmp_path / "run"),
+                                             "--convert-only", "--val-fraction", "0.34"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "labels" / "run.json").is_file()
+    labels = sorted((tmp_path / "run" / "data" / "labels").rglob("*.txt"))
+    assert len(labels) == 3 and sum(len(p.read_text().splitlines()) for p in labels) >= 6  # several faces a photo

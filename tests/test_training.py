@@ -268,3 +268,34 @@ def test_yolo_trains_and_loads_as_backend(celeba_gallery, tmp_path):
         assert len(d.box) == 4 and 0 <= d.score <= 1 and d.landmarks.shape == (5, 2)
     with pytest.raises(ValueError, match="dlib5"):  # dlib's network needs dlib-5 keypoints: said clearly
         FacePipeline(detector="yolo", detector_options={"weights": str(weights)}, landmarks="from-detector")
+
+
+@pytest.mark.needs_data
+def test_celeba_wild_annotations_convert(tmp_path):
+    """The official in-the-wild files (count line, header, column spacing) become YOLO labels."""
+    from training.yolo import celeba_wild_samples, has_celeba_wild, write_yolo_dataset
+
+    root = tmp_path / "celeba"
+    (root / "Anno").mkdir(parents=True)
+    (root / "img_celeba").mkdir()
+    pipeline = FacePipeline()
+    bbox, marks = ["2", "image_id x_1 y_1 width height"], ["2", "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y "
+                                                                "leftmouth_x leftmouth_y rightmouth_x rightmouth_y"]
+    for name in ("000001.jpg", "000002.jpg"):
+        (root / "img_celeba" / name).symlink_to(CELEBA / "img_align_celeba" / name)
+        det = pipeline.detect(load_image(CELEBA / "img_align_celeba" / name))[0]
+        x1, y1, x2, y2 = (int(round(v)) for v in det.box)
+        bbox.append(f"{name}    {x1:>3} {y1:>3} {x2 - x1:>3} {y2 - y1:>3}")
+        marks.append(f"{name} " + "  ".join(f"{int(round(v)):>3}" for v in det.landmarks.flatten()))
+    (root / "Anno" / "list_bbox_celeba.txt").write_text("\r\n".join(bbox) + "\r\n")
+    (root / "Anno" / "list_landmarks_celeba.txt").write_text("\r\n".join(marks) + "\r\n")
+    assert has_celeba_wild(root) and not has_celeba_wild(CELEBA)
+    samples = celeba_wild_samples(root)
+    assert [s.width for s in samples] == [178, 178] and samples[0].landmarks.shape == (5, 2)
+    dataset = write_yolo_dataset(samples, tmp_path / "yolo", val_fraction=0.5)
+    lines = [p.read_text().split() for p in (tmp_path / "yolo" / "labels").rglob("*.txt")]
+    assert len(lines) == 2 and all(len(line) == 1 + 4 + 15 for line in lines)
+    from training.yolo import DetectorDataError
+
+    with pytest.raises(DetectorDataError, match="face-train label"):
+        celeba_wild_samples(CELEBA)

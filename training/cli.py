@@ -72,8 +72,10 @@ def label(dataset_root: str, fmt: str, out: str, split: str, limit: int | None, 
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["celeba-wild", "labels"]), default="labels", show_default=True,
-              help="celeba-wild: img_celeba/ + Anno/list_bbox_celeba.txt + Anno/list_landmarks_celeba.txt; labels: a face-train label directory.")
+@click.option("--format", "fmt", type=click.Choice(["labels", *FORMATS]), default="labels", show_default=True,
+              help="labels: a face-train label directory. celeba: the in-the-wild img_celeba/ with "
+                   "Anno/list_bbox_celeba.txt and list_landmarks_celeba.txt when present. Otherwise (aligned "
+                   "CelebA, lfw, folders, folder) the images are pseudo-labelled first, into OUT/labels.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (YOLO data in OUT/data, weights in OUT/train).")
 @click.option("--model", default="yolov8n-pose.yaml", show_default=True, help="Model yaml (from scratch) or a checkpoint to fine-tune.")
 @click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
@@ -91,11 +93,20 @@ def detector(source: str, fmt: str, out: str, model: str, epochs: int, imgsz: in
     Example:
 
         face-train detector labels/lfw --out runs/detector --epochs 30 --imgsz 320
+        face-train detector ~/data/celeba --format celeba --out runs/detector-wild
     """
-    from training.yolo import detector_samples, train_yolo, write_yolo_dataset
+    from training.samples import label_dataset
+    from training.yolo import detector_samples, has_celeba_wild, train_yolo, write_yolo_dataset
 
     try:
-        dataset = write_yolo_dataset(detector_samples(source, fmt), Path(out) / "data", val_fraction)
+        if fmt == "celeba" and has_celeba_wild(source):
+            samples = detector_samples(source, "celeba-wild")
+        elif fmt != "labels":
+            log.info("no box and landmark annotations to use: pseudo-labelling %s with the default pipeline", source)
+            samples = detector_samples(str(label_dataset(source, fmt, Path(out) / "labels")), "labels")
+        else:
+            samples = detector_samples(source, "labels")
+        dataset = write_yolo_dataset(samples, Path(out) / "data", val_fraction)
         click.echo(f"YOLO data: {dataset.data_yaml} ({dataset.train_images} train, {dataset.val_images} val images, "
                    f"{dataset.faces} faces)")
         if convert_only:

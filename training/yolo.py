@@ -45,6 +45,13 @@ def _offline() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no hub calls, no update checks
 
 
+def has_celeba_wild(root: str | os.PathLike[str]) -> bool:
+    """Whether a CelebA root has the in-the-wild images and their box and landmark files."""
+    base = Path(root)
+    return all(p.exists() for p in (base / "img_celeba", base / "Anno" / "list_bbox_celeba.txt",
+                                     base / "Anno" / "list_landmarks_celeba.txt"))
+
+
 def celeba_wild_samples(root: str | os.PathLike[str]) -> list[FaceSample]:
     """CelebA in-the-wild: ``img_celeba/`` with ``Anno/list_bbox_celeba.txt`` (x, y, w, h)
     and ``Anno/list_landmarks_celeba.txt`` (lefteye, righteye, nose, leftmouth, rightmouth)."""
