@@ -133,6 +133,19 @@ def test_embedder_trains_separates_and_loads_as_backend(celeba20, tmp_path):
     for face in faces:
         assert face.embedding.shape == (64,) and abs(float(np.linalg.norm(face.embedding)) - 1) < 1e-5
 
+    # ... of the indexer and of search: the gallery records the checkpoint, and queries use it.
+    from embedder.pipeline import PipelineConfig
+    from indexer import RunConfig, run_index
+    from search import Searcher
+
+    config = RunConfig(dataset_root=str(PHOTOS), format="folder", pipeline=PipelineConfig(
+        embedder="timm-arcface", embedder_options={"checkpoint": str(result.checkpoint)}))
+    run_index(config, tmp_path / "gallery", workers=0, progress=False)
+    searcher = Searcher(tmp_path / "gallery")
+    assert searcher.gallery.dim == 64
+    top = searcher.search(load_image(PHOTOS / "group2.jpg"), k=1)[0].matches[0]
+    assert top.path == "group2.jpg" and top.cosine > 0.999
+
 
 @pytest.mark.needs_data
 def test_embedder_resume_continues(celeba20, tmp_path):
