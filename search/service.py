@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,10 +71,27 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
         yield
         state["ready"] = False
 
+    offline_docs = _swagger_assets()
     app = FastAPI(
         title="facesearch", version="1", lifespan=lifespan,
         description="Face search over a gallery: who looks like this face?",
+        docs_url=None if offline_docs else "/docs",
     )
+    if offline_docs:
+        # the bundled Swagger UI (4.x) reads OpenAPI 3.0 documents, not 3.1; the schema is the same
+        app.openapi_version = "3.0.3"
+    if offline_docs:  # Swagger UI from the swagger-ui-bundle package: /docs works without the internet
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/static/swagger", StaticFiles(directory=str(offline_docs)), name="swagger")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title="facesearch API",
+                                       swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                       swagger_css_url="/static/swagger/swagger-ui.css",
+                                       swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
     @app.middleware("http")
     async def access(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -195,6 +213,16 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
         return Response(encode_jpeg(crop), media_type="image/jpeg")
 
     return app
+
+
+def _swagger_assets():  # noqa: ANN202
+    """The folder of Swagger UI's JS and CSS when swagger-ui-bundle is installed, else None (CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
 
 
 def serve(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -81,7 +81,10 @@ def test_health_docs_and_auth(server):
     assert httpx.get(f"{base}/readyz").json()["faces"] > 250
     spec = httpx.get(f"{base}/openapi.json").json()
     assert {"/v1/search", "/v1/search/vector", "/v1/faces/{face_id}", "/v1/faces/{face_id}/thumbnail"} <= set(spec["paths"])
-    assert httpx.get(f"{base}/docs").status_code == 200
+    docs = httpx.get(f"{base}/docs")
+    assert docs.status_code == 200 and "/static/swagger/swagger-ui-bundle.js" in docs.text  # no CDN: works offline
+    js = httpx.get(f"{base}/static/swagger/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 500_000
     data = (PHOTOS / "group1.jpg").read_bytes()
     no_token = httpx.post(f"{base}/v1/search", files={"image": ("q.jpg", data, "image/jpeg")})
     assert no_token.status_code == 401
