@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,6 @@ class Audit:
     duplicates: tuple[DuplicateGroup, ...]
     seconds: float
     lookalikes_total: int = 0  # identity pairs above the threshold; ``lookalikes`` keeps the most similar
-    identity_of: dict[int, str] = field(repr=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,9 +256,8 @@ def audit_gallery(
     seconds = time.perf_counter() - start
     log.info("audit of %d faces: %d noisy identities, %d look-alike pairs, %d near-duplicate groups in %.1f s",
              len(faces.labels), len(noisy), len(lookalikes), len(duplicates), seconds)
-    identity_of = {int(f): str(label) for f, label in zip(faces.face_ids, faces.labels)}
     return Audit(str(g.directory), len(faces.labels), len(names), calibration, duplicate_threshold,
-                 tuple(noisy), tuple(lookalikes), tuple(duplicates), seconds, lookalikes_total, identity_of)
+                 tuple(noisy), tuple(lookalikes), tuple(duplicates), seconds, lookalikes_total)
 
 
 def format_audit(audit: Audit, limit: int = 20) -> str:

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from data.images import ImageLoadError, load_image_bytes
-from search.calibration import Calibration
+from search.calibration import VERDICT_BGR, Calibration, verdict_label
 from search.html import GalleryThumbnails, encode_jpeg, face_crop
 from search.searcher import FaceResult, Match, Searcher
 
@@ -34,9 +34,6 @@ HELP = (
     "Green: the same person, yellow: uncertain, red: a different person{calibrated}.\n"
     "I keep your photo in memory only while I answer, and never store it."
 )
-# BGR colours for OpenCV
-COLOURS = {"same": (58, 127, 27), "uncertain": (0, 138, 201), "different": (30, 38, 179), None: (119, 119, 119)}
-VERDICT_TEXT = {"same": "same person", "uncertain": "uncertain", "different": "different person", None: "uncalibrated"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def render_reply(query: np.ndarray, matches: Sequence[Match], crops: Sequence[np
     for i, (m, crop) in enumerate(zip(matches, crops)):
         r, c = divmod(i, cols)
         x, y = x_grid + c * (tile + pad), y0 + r * (tile + caption_h + pad)
-        colour = COLOURS.get(m.verdict, COLOURS[None])
+        colour = VERDICT_BGR.get(m.verdict, VERDICT_BGR[None])
         if crop is None:
             cv2.rectangle(canvas, (x, y), (x + tile, y + tile), (221, 221, 221), -1)
             _text(canvas, "?", (x + tile // 2 - 8, y + tile // 2 + 8), 1.0, (136, 136, 136), 2)
@@ -110,7 +107,7 @@ def reply_caption(result: FaceResult, index: int, total: int, shown: int, calibr
     lines = [f"Face {index + 1} of {total}" + (f" (the {shown} largest are shown)" if total > shown and index == 0 else "")]
     if result.matches:
         best = result.matches[0]
-        verdict = f", {VERDICT_TEXT[best.verdict]}" if calibration is not None else ""
+        verdict = f", {verdict_label(best.verdict)}" if calibration is not None else ""
         lines.append(f"Most similar: id {best.identity}, cosine {best.cosine:.3f}{verdict}")
         lines.append("Top: " + ", ".join(f"{m.cosine:.3f}" for m in result.matches))
     return "\n".join(lines)[:1024]

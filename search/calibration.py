@@ -22,6 +22,13 @@ from typing import Any, Literal
 Verdict = Literal["same", "uncertain", "different"]
 VERDICTS: tuple[Verdict, ...] = ("same", "uncertain", "different")
 CALIBRATION_KEY = "calibration"
+#: words and colours for a verdict, shared by the HTML pages (CSS), the bot and watch (BGR); None: uncalibrated
+VERDICT_LABELS = {"same": "same person", "uncertain": "uncertain", "different": "different person", None: "uncalibrated"}
+VERDICT_BGR = {"same": (58, 127, 27), "uncertain": (0, 138, 201), "different": (30, 38, 179), None: (119, 119, 119)}
+
+
+def verdict_label(verdict: str | None) -> str:
+    return VERDICT_LABELS.get(verdict, VERDICT_LABELS[None])
 
 
 class CalibrationError(ValueError):

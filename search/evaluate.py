@@ -55,7 +55,8 @@ def labelled_faces(gallery: Gallery) -> LabelledFaces:
     if not keep.any():
         raise EvalError(f"{gallery.directory}: no face has an identity label; eval needs an identity-labelled gallery")
     rows = np.flatnonzero(keep)
-    paths = np.asarray(table.column("path").to_pylist(), dtype=object)[rows]
+    all_paths = np.asarray(table.column("path").to_pylist(), dtype=object)
+    paths = all_paths[rows]
     boxes = np.asarray(table.column("box").combine_chunks().flatten().to_numpy(), np.float64).reshape(-1, 4)[rows]
     width = table.column("width").to_numpy()[rows].astype(np.float64)
     height = table.column("height").to_numpy()[rows].astype(np.float64)
@@ -70,7 +71,7 @@ def labelled_faces(gallery: Gallery) -> LabelledFaces:
     chosen = np.sort(rows[first])
     embeddings = gallery.embeddings()[chosen]
     labels = np.asarray(identity.take(chosen).to_pylist(), dtype=object)
-    return LabelledFaces(chosen, labels, np.asarray(table.column("path").take(chosen).to_pylist(), dtype=object), embeddings)
+    return LabelledFaces(chosen, labels, all_paths[chosen], embeddings)
 
 
 def lfw_accuracy(faces: LabelledFaces, pairs_path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ class Gallery:
         return gallery_calibration(self.info)
 
     def image_path(self, relative: str) -> Path | None:
-        """Where a manifest path's image is now, or None when the dataset root is gone."""
+        """The image of a manifest path under the dataset root recorded in gallery.json (None if none is recorded)."""
         root = self.dataset_root
         return None if root is None else Path(root) / relative
 
@@ -111,8 +111,5 @@ class Gallery:
 
     def embeddings(self) -> np.ndarray:
         """All embeddings (N, dim) float32, in face-id order, read from the manifest."""
-        chunks = []
-        for part in manifest_parts(self.directory):
-            column = pq.read_table(part, columns=["embedding"]).column("embedding").combine_chunks()
-            chunks.append(np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, self.dim))
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+        column = self.read_columns(["embedding"]).column("embedding").combine_chunks()
+        return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, self.dim)

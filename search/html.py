@@ -8,7 +8,6 @@ import html
 import logging
 import threading
 from collections import OrderedDict
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -193,7 +192,3 @@ def write_page(path: str | Path, content: str) -> Path:
     os.replace(tmp, out)
     return out
 
-
-@lru_cache(maxsize=None)
-def verdict_label(verdict: str | None) -> str:
-    return {"same": "same person", "uncertain": "uncertain", "different": "different person"}.get(verdict or "", "uncalibrated")

@@ -12,8 +12,9 @@ from typing import Callable, Iterable
 
 from data.images import ImageLoadError, load_image
 from search.html import (
-    GalleryThumbnails, esc, face_thumbnail, figure, filters, page, summary_table, verdict_label, write_page,
+    GalleryThumbnails, esc, face_thumbnail, figure, filters, page, summary_table, write_page,
 )
+from search.calibration import verdict_label
 from search.searcher import FaceResult, Searcher
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,13 @@ def build_report(
             image = load_image(path)
         except ImageLoadError as err:
             errors += 1
-            kind = "error"
+            kind, identities = "error", []
             body = f'<p class="tag different">cannot read: {esc(err.reason)}</p>'
             best = f'<span class="muted">error: {esc(err.reason)}</span>'
         else:
             results = searcher.search(image, k=k)
             faces_total += len(results)
+            identities = [str(m.identity) for r in results for m in r.matches]
             if not results:
                 no_face += 1
                 kind, best = "noface", '<span class="muted">no face found</span>'
@@ -116,8 +118,7 @@ def build_report(
                     f'<span class="tag {m.verdict or "none"}">{m.cosine:.3f}</span> '
                     f'{esc("-" if m.identity is None else str(m.identity))}' for m in top
                 )
-        text = " ".join([str(path)] + ([] if kind in ("error", "noface") else [
-            str(m.identity) for r in results for m in r.matches])).lower()
+        text = " ".join([str(path), *identities]).lower()
         sections.append(
             f'<section class="item" id="{anchor}" data-kind="{kind}" data-text="{esc(text)}">'
             f"<h2>{number + 1}. {esc(str(path))}</h2>{body}</section>"

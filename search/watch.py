@@ -17,12 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from search.calibration import VERDICT_BGR
 from search.searcher import FaceResult, Searcher
 
 log = logging.getLogger(__name__)
 
-# BGR, as the frames are drawn in OpenCV's order
-COLOURS = {"same": (58, 160, 27), "uncertain": (0, 170, 240), "different": (40, 40, 200), None: (200, 200, 200)}
 
 
 class WatchError(RuntimeError):
@@ -70,7 +69,7 @@ def annotate(frame: np.ndarray, results: list[FaceResult]) -> np.ndarray:
     for r in results:
         x1, y1, x2, y2 = (int(round(v)) for v in r.face.detection.box)
         best = r.matches[0] if r.matches else None
-        colour = COLOURS.get(best.verdict if best else None, COLOURS[None])
+        colour = VERDICT_BGR.get(best.verdict if best else None, VERDICT_BGR[None])
         cv2.rectangle(frame, (x1, y1), (x2, y2), colour, max(2, int(2 * scale)))
         label = "no match" if best is None else f"{best.identity if best.identity is not None else '?'} {best.cosine:.3f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
