@@ -97,7 +97,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"gallery: {len(gallery):,} faces ({gallery.dim}-D, {gallery.info['index']['type']} index); "
+    print(f"gallery: {len(gallery):,} faces ({gallery.dim}-D, {gallery.info.index_type} index); "
           f"{args.clients} concurrent clients; service concurrency {args.concurrency}; {os.cpu_count()} cores\n")
     print("| endpoint | requests | errors | requests/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ than a limit (decompression bombs) before decoding them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import os
@@ -19,6 +20,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from facesearch.errors import ImageError
+
 #: Default pixel-count limit: 50 megapixels, e.g. 8660 x 5773. Larger images are
 #: refused before decoding; raise it with ``max_pixels`` for panoramas.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -28,13 +31,13 @@ DEFAULT_MAX_PIXELS = 50_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(ImageError):
     """An image could not be turned into pixels. ``reason`` says why, briefly."""
 
     def __init__(self, reason: str, path: str | None = None) -> None:
-        self.reason = reason
+        super().__init__(reason)
         self.path = path
-        super().__init__(f"{path}: {reason}" if path else reason)
+        self.args = (f"{path}: {reason}" if path else reason,)
 
 
 class ImageTooLargeError(ImageLoadError):
@@ -61,6 +64,27 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise ImageLoadError(err.reason, path_str) from err
     except OSError as err:
         raise ImageLoadError(f"cannot read file: {err.strerror or err}", path_str) from err
+
+
+def file_hash(data: bytes) -> str:
+    """The content hash galleries store per image (sha256, hex): same bytes, same image."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Like :func:`load_image`, also returning the file's content hash (one read of the file)."""
+    path_str = os.fspath(path)
+    try:
+        with open(path_str, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise ImageLoadError(f"cannot read file: {err.strerror or err}", path_str) from err
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)", path_str)
+    try:
+        return _decode(io.BytesIO(data), max_pixels), file_hash(data)
+    except ImageLoadError as err:
+        raise type(err)(err.reason, path_str) from err
 
 
 def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

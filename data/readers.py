@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from data.records import DatasetListing, ImageRecord
+from facesearch.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 CELEBA_SPLITS = {"0": "train", "1": "val", "2": "test"}
 SPLIT_CHOICES = ("train", "val", "test", "all")
-
-
-class DatasetError(Exception):
-    """A dataset root is not laid out as its format requires."""
 
 
 def is_image_name(name: str) -> bool:

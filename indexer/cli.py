@@ -8,21 +8,19 @@ import logging
 import click
 
 from data.images import DEFAULT_MAX_PIXELS
-from data.readers import FORMATS, SPLIT_CHOICES, DatasetError
-from embedder.backends.dlib_backends import BackendUnavailableError
+from data.readers import FORMATS, SPLIT_CHOICES
 from embedder.pipeline import PipelineConfig
-from embedder.registry import UnknownBackendError
-from indexer.build import GALLERY_FILE, INDEX_TYPES, GalleryBuildError, build_gallery
-from indexer.config import ConfigMismatchError, RunConfig
-from indexer.logs import setup_logging
-from indexer.runner import IndexRunError, run_index
+from facesearch.cli import ErrorHandlingGroup
+from facesearch.logs import setup_logging
+from indexer.build import INDEX_TYPES, build_gallery
+from indexer.config import RunConfig
+from indexer.layout import GalleryLayout
+from indexer.runner import run_index
 
 log = logging.getLogger("face-index")
-DOMAIN_ERRORS = (DatasetError, ConfigMismatchError, GalleryBuildError, IndexRunError, UnknownBackendError, BackendUnavailableError,
-                 ValueError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
@@ -112,17 +110,15 @@ def run(
         landmarks_options=parse_options(landmarks_kv, "--landmarks-option"),
         embedder_options=parse_options(embedder_kv, "--embedder-option"),
     )
-    try:
-        config = RunConfig(
-            dataset_root=dataset_root, format=fmt, split=split, limit=limit,
-            partition_size=partition_size, max_pixels=max_pixels, pipeline=pipeline,
-        )
-        summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type,
-                            embed_in=embed_in)
-    except DOMAIN_ERRORS as err:
-        raise click.ClickException(str(err)) from err
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; rerun the same command to resume") from None
+    config = RunConfig(
+        dataset_root=dataset_root, format=fmt, split=split, limit=limit,
+        partition_size=partition_size, max_pixels=max_pixels, pipeline=pipeline,
+    )
+    summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type,
+                        embed_in=embed_in)
+    if summary.up_to_date:
+        click.echo(f"{summary.gallery_dir} is up to date with its dataset: {summary.images} images, nothing to do")
+        return
     log.info(
         "done: %d images, %d faces, %d failures in %s (%d partitions written, %d already done)",
         summary.images, summary.faces_written, summary.failures_written, summary.gallery_dir,
@@ -133,18 +129,152 @@ def run(
 @main.command()
 @click.argument("gallery_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True, help="FAISS index type.")
-def build(gallery_dir: str, index_type: str) -> None:
+@click.option("--drop-missing", is_flag=True,
+              help="Build from the manifest files that are there when some are missing (their faces are dropped; "
+                   "face-index sync then re-adds their images from the dataset).")
+def build(gallery_dir: str, index_type: str, drop_missing: bool) -> None:
     """(Re)build the FAISS index and gallery.json from the manifest.
+
+    Reads only the Parquet files: no face model is loaded. Refuses when manifest
+    files are missing, naming them, unless --drop-missing.
 
     Example:
 
         face-index build /tmp/gallery --index hnsw
     """
-    try:
-        info = build_gallery(gallery_dir, index_type=index_type)
-    except DOMAIN_ERRORS as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(f"{info['index']['ntotal']} faces indexed ({index_type}) in {gallery_dir}")
+    from indexer.lock import WriterLock
+
+    with WriterLock(gallery_dir, "face-index build"):
+        info = build_gallery(gallery_dir, index_type=index_type, drop_missing=drop_missing)
+    click.echo(f"{info.index['ntotal']} faces indexed ({index_type}) in {gallery_dir}, generation {info.generation}")
+
+
+@main.command()
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--identity", help="The person in every added image [default: from the dataset layout, or none].")
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), help="SOURCES are datasets of this layout.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker processes (0: this process; workers pay off from a few hundred images).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def add(gallery_dir: str, sources: tuple[str, ...], identity: str | None, fmt: str | None, workers: int,
+        as_json: bool) -> None:
+    """Add images (files, folders, or datasets with --format) to a gallery.
+
+    They are embedded with the gallery's own pipeline. An image whose content is
+    already in the gallery is skipped, and said so. Paths under the gallery's
+    dataset root are kept in step with it by face-index sync; others stay as added.
+
+    Example:
+
+        face-index add /tmp/gallery new-photos/ --identity "Ada Lovelace"
+    """
+    from indexer.lifecycle import add_images
+
+    result = add_images(gallery_dir, sources, identity=identity, format=fmt, workers=workers)
+    _report(result, as_json)
+
+
+@main.command()
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.option("--face-id", "face_ids", multiple=True, type=int, help="A face id to remove (repeatable).")
+@click.option("--identity", "identities", multiple=True, help="Remove every face and record of this identity (repeatable).")
+@click.option("--path", "paths", multiple=True, help="Remove every face of this image path, as the gallery stores it (repeatable).")
+@click.option("--from-file", type=click.File("r", encoding="utf-8"),
+              help="A file of lines 'face-id N', 'identity NAME' or 'path P' ('-' for stdin).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def remove(gallery_dir: str, face_ids: tuple[int, ...], identities: tuple[str, ...], paths: tuple[str, ...],
+           from_file, dry_run: bool, as_json: bool) -> None:  # noqa: ANN001
+    """Remove faces for good: by face id, identity or image path.
+
+    The manifest parts that held them are rewritten without them, the index no
+    longer holds their vectors, failure records of removed images go too, and
+    audit.html and eval/ are deleted; the calibration is marked stale. Face ids
+    are never reused. changes.log records when and how many, never who.
+
+    Example:
+
+        face-index remove /tmp/gallery --identity 2880 --dry-run
+    """
+    from indexer.lifecycle import GalleryLayout, remove_faces, still_in_dataset
+
+    face_ids, identities, paths = list(face_ids), list(identities), list(paths)
+    if from_file is not None:
+        for number, line in enumerate(from_file, 1):
+            kind, _, value = line.strip().partition(" ")
+            if not kind or kind.startswith("#"):
+                continue
+            if kind == "face-id" and value.strip().isdigit():
+                face_ids.append(int(value))
+            elif kind in ("identity", "path") and value.strip():
+                (identities if kind == "identity" else paths).append(value.strip())
+            else:
+                raise click.BadParameter(f"line {number}: expected 'face-id N', 'identity NAME' or 'path P'",
+                                         param_hint="--from-file")
+    if not (face_ids or identities or paths):
+        raise click.UsageError("name what to remove: --face-id, --identity, --path or --from-file")
+    plan, result = remove_faces(gallery_dir, face_ids, identities, paths, dry_run=dry_run)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({"dry_run": True, "face_ids": list(plan.face_ids), "paths": list(plan.paths),
+                                   "failure_paths": list(plan.failure_paths)}, indent=2))
+        else:
+            click.echo(f"would remove {len(plan.face_ids)} faces of {len(plan.paths)} images"
+                       f" and {len(plan.failure_paths)} failure records:")
+            for path in plan.paths + plan.failure_paths:
+                click.echo(f"  {path}")
+        return
+    _report(result, as_json)
+    layout = GalleryLayout(gallery_dir)
+    back = still_in_dataset(layout, layout.read_info(), plan.paths + plan.failure_paths)
+    if back:
+        log.warning("%d removed image(s) are still in the dataset root and would come back with face-index sync: "
+                    "delete them there too", len(back))
+
+
+@main.command()
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes [default: core count; 0: none].")
+@click.option("--dry-run", is_flag=True, help="Only say what changed in the dataset.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sync(gallery_dir: str, workers: int | None, dry_run: bool, as_json: bool) -> None:
+    """Bring a gallery in line with its dataset: add new images, remove vanished
+    ones, re-embed changed ones (by content hash).
+
+    Example:
+
+        face-index sync /tmp/gallery --dry-run
+    """
+    import os
+
+    from indexer.lifecycle import sync_gallery
+
+    diff, result = sync_gallery(gallery_dir, workers=os.cpu_count() or 1 if workers is None else workers, dry_run=dry_run)
+    if not as_json:
+        click.echo(f"dataset: {diff.summary()}")
+    _report(result, as_json)
+
+
+def _report(result, as_json: bool) -> None:  # noqa: ANN001 - a ChangeResult
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for path in result.duplicates:
+        click.echo(f"already in the gallery, skipped: {path}")
+    if result.dry_run:
+        return
+    if not result.changed:
+        click.echo(f"nothing changed (generation {result.generation})")
+        return
+    click.echo(f"generation {result.generation}: {result.faces_added} faces added"
+               f"{' (ids ' + _id_range(result.added_face_ids) + ')' if result.added_face_ids else ''}, "
+               f"{result.faces_removed} removed; {result.images_added} images added, {result.images_removed} removed, "
+               f"{result.failures_added} without a face")
+
+
+def _id_range(ids: tuple[int, ...]) -> str:
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
 
 
 @main.command()
@@ -156,15 +286,8 @@ def info(gallery_dir: str) -> None:
 
         face-index info /tmp/gallery
     """
-    from pathlib import Path
-
-    path = Path(gallery_dir) / GALLERY_FILE
-    if not path.is_file():
-        raise click.ClickException(f"{gallery_dir} is not a built gallery: {GALLERY_FILE} is missing")
-    try:
-        click.echo(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2, sort_keys=True))
-    except (OSError, json.JSONDecodeError) as err:
-        raise click.ClickException(f"{path} is unreadable: {err}") from err
+    info = GalleryLayout(gallery_dir).read_info()
+    click.echo(json.dumps(info.to_json(), indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data.images import DEFAULT_MAX_PIXELS
 from embedder.pipeline import PipelineConfig
+from facesearch.errors import ConfigurationError, GalleryError
+from indexer.layout import GalleryLayout, read_json, write_json_atomic
 
-RUN_FILE = "run.json"
 
-
-class ConfigMismatchError(Exception):
+class ConfigMismatchError(ConfigurationError):
     """A gallery directory holds a run made with other settings."""
 
 
@@ -38,9 +36,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset_root", str(Path(self.dataset_root).resolve()))
         if self.partition_size < 1:
-            raise ValueError(f"partition_size must be >= 1, got {self.partition_size}")
+            raise ConfigurationError(f"partition_size must be >= 1, got {self.partition_size}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+            raise ConfigurationError(f"limit must be >= 1, got {self.limit}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -54,23 +52,17 @@ class RunConfig:
         return cls(**data)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def check_or_write_run_config(gallery_dir: Path, config: RunConfig) -> bool:
     """Write run.json for a new gallery; for an existing one, check it matches.
 
     Returns True when resuming an earlier run of the same settings.
     """
-    path = gallery_dir / RUN_FILE
+    path = GalleryLayout(gallery_dir).run_file
     if path.exists():
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigMismatchError(f"{path} is unreadable ({err}); use --overwrite to start afresh") from err
+            stored = read_json(path)
+        except GalleryError as err:
+            raise ConfigMismatchError(f"{err}; use --overwrite to start afresh") from err
         ours = config.to_dict()
         if stored != ours:
             changed = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))

@@ -13,10 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from data.images import ImageLoadError, load_image
+from data.images import ImageLoadError, read_image
 from data.records import ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.types import Detection, Face
+from indexer.layout import FailureKind
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,24 @@ class FaceRow:
     embedding: np.ndarray
     width: int
     height: int
+    content_hash: str | None = None  # sha256 of the image file
 
 
 @dataclass(frozen=True)
 class Failure:
-    """An image that gave no face row. stage: load, detect or embed."""
+    """An image that gave no face row. stage: load, detect or embed; kind: a FailureKind value."""
 
     path: str
     identity: str | None
     split: str | None
     stage: str
     reason: str
+    kind: str = ""
+    content_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", FailureKind.of_stage(self.stage).value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,25 +73,30 @@ class PreparedImage:
     detections: tuple[Detection, ...]
     crops: np.ndarray
     failure: Failure | None = None
+    content_hash: str | None = None
 
 
-def _failure_record(record: ImageRecord, stage: str, reason: str) -> Failure:
-    return Failure(record.path, record.identity, record.split, stage, reason)
+def _failure_record(record: ImageRecord, stage: str, reason: str, kind: str = "",
+                    content_hash: str | None = None) -> Failure:
+    return Failure(record.path, record.identity, record.split, stage, reason, kind, content_hash)
 
 
-def _failure(record: ImageRecord, stage: str, reason: str) -> MappedImage:
-    return MappedImage(record, (), _failure_record(record, stage, reason))
+def _failure(record: ImageRecord, stage: str, reason: str, content_hash: str | None = None) -> MappedImage:
+    return MappedImage(record, (), _failure_record(record, stage, reason, content_hash=content_hash))
 
 
-def _rows(record: ImageRecord, faces: Sequence[Face], shape: tuple[int, ...]) -> MappedImage:
+def _rows(prepared: "PreparedImage", faces: Sequence[Face]) -> MappedImage:
+    record, shape = prepared.record, prepared.shape
     if not faces:
-        return _failure(record, "detect", "no face found")
+        return MappedImage(record, (), _failure_record(record, "detect", "no face found", FailureKind.NO_FACE.value,
+                                                       prepared.content_hash))
     rows = tuple(
         FaceRow(
             path=record.path, identity=record.identity, split=record.split, face_index=face.face_index,
             box=face.detection.box, score=face.detection.score,
             landmarks=tuple(float(v) for v in np.asarray(face.detection.landmarks).reshape(-1)),
             embedding=np.asarray(face.embedding, dtype=np.float32), width=int(shape[1]), height=int(shape[0]),
+            content_hash=prepared.content_hash,
         )
         for face in faces
     )
@@ -122,7 +135,7 @@ class FaceMapper:
     def _prepare_one(self, record: ImageRecord) -> PreparedImage:
         empty = np.zeros((0, 1, 1, 3), np.uint8)
         try:
-            image = load_image(os.path.join(self.root, record.path), self.max_pixels)
+            image, digest = read_image(os.path.join(self.root, record.path), self.max_pixels)
         except ImageLoadError as err:
             return PreparedImage(record, (0, 0), (), empty, _failure_record(record, "load", err.reason))
         try:
@@ -130,8 +143,9 @@ class FaceMapper:
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure
             log.warning("face detection failed on %s: %s", record.path, err, exc_info=True)
             return PreparedImage(record, image.shape[:2], (), empty,
-                                 _failure_record(record, "detect", f"{type(err).__name__}: {err}"))
-        return PreparedImage(record, image.shape[:2], tuple(detections), crops)
+                                 _failure_record(record, "detect", f"{type(err).__name__}: {err}", content_hash=digest),
+                                 digest)
+        return PreparedImage(record, image.shape[:2], tuple(detections), crops, content_hash=digest)
 
     def finish(self, prepared: Sequence[PreparedImage]) -> list[MappedImage]:
         """Embed the crops of all ``prepared`` images in one call; rows in order."""
@@ -157,7 +171,7 @@ class FaceMapper:
                 out.append(got)
                 continue
             faces = [Face(i, d, got[i]) for i, d in enumerate(p.detections)] if got is not None else []
-            out.append(_rows(p.record, faces, p.shape))
+            out.append(_rows(p, faces))
         return out
 
     def _embed_one(self, prepared: PreparedImage) -> np.ndarray | MappedImage:
@@ -165,7 +179,7 @@ class FaceMapper:
             return self.pipeline.embed_crops(prepared.crops)
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure
             log.warning("embedding failed on %s: %s", prepared.record.path, err, exc_info=True)
-            return _failure(prepared.record, "embed", f"{type(err).__name__}: {err}")
+            return _failure(prepared.record, "embed", f"{type(err).__name__}: {err}", prepared.content_hash)
 
 
 # Worker-process state: one mapper per process, set by the pool initializer.

@@ -8,6 +8,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
@@ -18,15 +19,23 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Sequence
 
-from data.records import ImageRecord
+import pyarrow.parquet as pq
+
+from data.records import DatasetListing, ImageRecord
 from embedder.pipeline import FacePipeline
+from facesearch.errors import ConfigurationError, GalleryError
 from indexer.build import build_gallery
-from indexer.config import RUN_FILE, RunConfig, check_or_write_run_config
-from indexer.mapper import FaceMapper, MappedImage, PreparedImage, init_worker, map_in_worker, prepare_in_worker
+from indexer.catalog import dataset_diff, gallery_images, records_paths
+from indexer.config import RunConfig, check_or_write_run_config
+from indexer.layout import FAILURES_DIR, MANIFEST_DIR, PIPELINE_FILE, GalleryLayout, row_count, write_json_atomic
+from indexer.lock import WriterLock
+from indexer.mapper import (
+    FaceMapper, FaceRow, Failure, MappedImage, PreparedImage, init_worker, map_in_worker, prepare_in_worker,
+)
 from indexer.reader import Partition, plan_partitions, read_listing
-from indexer.writer import FAILURES_DIR, MANIFEST_DIR, clean_temporaries, manifest_parts, row_count, write_partition
+from indexer.writer import write_partition
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +45,12 @@ TASK_IMAGES = 4
 EMBED_BATCH = 64
 
 
-class IndexRunError(Exception):
+class IndexRunError(GalleryError):
     """The run could not go on; completed partitions are kept."""
+
+
+class DatasetChangedError(GalleryError):
+    """The dataset no longer matches what the gallery (or the unfinished run) holds."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class RunSummary:
     faces_written: int
     failures_written: int
     seconds: float
+    up_to_date: bool = False  # a built gallery that already matched its dataset: nothing was done
 
     @property
     def images_per_second(self) -> float:
@@ -102,14 +116,11 @@ def run_index(
         batches; best on a GPU), "workers" (each worker embeds its own images
         on one thread; best on a CPU, no oversubscription, no crops sent
         between processes) or "auto" (main on CUDA, workers otherwise).
+
+    On a gallery that is already built, nothing is recomputed: the run says the
+    gallery is up to date, or raises DatasetChangedError pointing to face-index sync.
     """
-    out = Path(gallery_dir)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if embed_in not in ("auto", "main", "workers"):
-        raise ValueError(f"embed_in must be auto, main or workers, got {embed_in!r}")
+    workers = _check_run_options(workers, embed_in)
     # Fail fast on bad settings (unknown backends, an empty dataset) before
     # touching the disk, and record every backend option as resolved now
     # (defaults may change later).
@@ -118,131 +129,240 @@ def run_index(
     listing = read_listing(config)
     if not listing.records:
         raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
-    if overwrite and out.exists():
-        for name in (MANIFEST_DIR, FAILURES_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (RUN_FILE, "gallery.json", "index.faiss"):
-            (out / name).unlink(missing_ok=True)
-    resumed = check_or_write_run_config(out, config)
-    clean_temporaries(out)
+    layout = GalleryLayout(Path(gallery_dir))
+    with WriterLock(layout.root, "face-index run"):
+        if overwrite:
+            discard_gallery(layout)
+        resumed = check_or_write_run_config(layout.root, config)
+        layout.clean_temporaries()
+        if layout.info_file.exists():
+            return _check_built(layout, listing)
+        write_json_atomic(layout.root / PIPELINE_FILE, {**pipeline.describe(), "config": config.pipeline.to_dict()})
+        partitions = plan_partitions(listing.records, config.partition_size)
+        done = _check_done_partitions(layout, partitions)
+        todo = [p for p in partitions if p.name not in done]
+        if resumed:
+            log.info("resuming: %d of %d partitions already done", len(partitions) - len(todo), len(partitions))
+        log.info(
+            "indexing %d images of %s (%s) into %s: %d partitions of up to %d, %d workers",
+            len(listing.records), listing.root, listing.format, layout.root, len(partitions), config.partition_size,
+            workers,
+        )
+        embed_in = _resolve_embed_in(embed_in, pipeline, workers)
+        summary = _map_partitions(layout, config, listing, pipeline, partitions, todo, workers, embed_in, progress)
+        if build:
+            build_gallery(layout.root, index_type=index_type, listing=listing)
+    return summary
 
-    partitions = plan_partitions(listing.records, config.partition_size)
-    done = {p.stem for p in manifest_parts(out)}
-    todo = [p for p in partitions if p.name not in done]
-    if resumed:
-        log.info("resuming: %d of %d partitions already done", len(partitions) - len(todo), len(partitions))
-    log.info(
-        "indexing %d images of %s (%s) into %s: %d partitions of up to %d, %d workers",
-        len(listing.records), listing.root, listing.format, out, len(partitions), config.partition_size, workers,
-    )
 
-    start = time.perf_counter()
-    faces_written = failures_written = processed = 0
-    first_result: tuple[float, int] | None = None  # when the first images came back: start-up is over
-    face_ids = _FaceIds(out, partitions)
-    bar = _progress(len(listing.records), progress)
-    bar.update(sum(len(p.records) for p in partitions if p.name in done))
-    executor = None
-    main_mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels, built=pipeline)
-    # A batched (torch) embedder on CUDA runs here on whole batches of crops and
-    # the workers stop at the crops; on CPU, and for dlib's own embedder, each
-    # worker embeds its own images.
+def _check_run_options(workers: int | None, embed_in: str) -> int:
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 0:
+        raise ConfigurationError(f"workers must be >= 0, got {workers}")
+    if embed_in not in ("auto", "main", "workers"):
+        raise ConfigurationError(f"embed_in must be auto, main or workers, got {embed_in!r}")
+    return workers
+
+
+def _resolve_embed_in(embed_in: str, pipeline: FacePipeline, workers: int) -> str:
+    """Where a batched (torch) embedder runs: on CUDA, here on whole batches of crops
+    while the workers stop at the crops; on CPU, and for dlib's own embedder, in each
+    worker. Returns "main" or "workers"."""
     if embed_in == "auto":
         on_gpu = str(getattr(pipeline.embedder, "resolved_device", lambda: "cpu")()).startswith("cuda")
         embed_in = "main" if on_gpu else "workers"
-    split_embedding = workers > 0 and pipeline.embeds_in_batches and embed_in == "main"
-    log.debug("embedding in %s", "the main process" if split_embedding else "the workers")
-    try:
-        if workers == 0:
+    split = workers > 0 and pipeline.embeds_in_batches and embed_in == "main"
+    log.debug("embedding in %s", "the main process" if split else "the workers")
+    return "main" if split else "workers"
 
-            def submit(task: tuple[ImageRecord, ...]) -> Future:
-                future: Future = Future()
-                future.set_result(main_mapper(task))
-                return future
 
-        else:
-            executor = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(listing.root, config.pipeline, config.max_pixels),
+def discard_gallery(layout: GalleryLayout) -> None:
+    """--overwrite: remove everything a gallery directory holds, derived pages included."""
+    for folder in (layout.manifest_dir, layout.failures_dir, layout.enrolled_dir, layout.eval_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in [layout.run_file, layout.info_file, layout.root / PIPELINE_FILE, layout.audit_file,
+                 layout.changes_log, *layout.root.glob("index*.faiss")]:
+        path.unlink(missing_ok=True)
+
+
+def _check_built(layout: GalleryLayout, listing: DatasetListing) -> RunSummary:
+    """A rerun on a built gallery: up to date, or the dataset changed (see face-index sync)."""
+    info = layout.read_info()
+    diff = dataset_diff(gallery_images(layout, info), listing)
+    if not diff.empty:
+        raise DatasetChangedError(
+            f"the dataset changed since {layout.root} was built ({diff.summary()}): "
+            f"run face-index sync {layout.root} to bring the gallery up to date"
+        )
+    log.info("%s is up to date with its dataset (%d images, %d faces)", layout.root, len(listing.records),
+             info.counts.get("faces", 0))
+    return RunSummary(str(layout.root), len(listing.records), 0, 0, 0, 0, 0, 0, 0.0, up_to_date=True)
+
+
+def _check_done_partitions(layout: GalleryLayout, partitions: Sequence[Partition]) -> set[str]:
+    """Names of the complete partitions, each checked to hold exactly the images the
+    listing now puts there: a dataset that changed mid-run would shift partitions."""
+    done = set()
+    for part in partitions:
+        manifest = layout.partition_file(MANIFEST_DIR, part.name)
+        if not manifest.exists():
+            continue
+        files = [manifest] + [f for f in [layout.partition_file(FAILURES_DIR, part.name)] if f.exists()]
+        held: set[str] = set()
+        for f in files:
+            held.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+        planned = records_paths(part.records)
+        if held != planned:
+            raise DatasetChangedError(
+                f"the dataset changed since this run started: {part.name} no longer matches it "
+                f"({len(planned - held)} new, {len(held - planned)} vanished images). Keep what is done with "
+                f"face-index build --drop-missing {layout.root} and then face-index sync {layout.root}, "
+                "or rerun with --overwrite"
             )
-            work = prepare_in_worker if split_embedding else map_in_worker
+        done.add(part.name)
+    return done
 
-            def submit(task: tuple[ImageRecord, ...]) -> Future:
-                return executor.submit(work, task)
 
-        window = max(4, workers * 4, (2 * EMBED_BATCH // TASK_IMAGES) if split_embedding else 0)
-        results = _ordered(submit, (t for p in todo for t in _chunks(p.records, TASK_IMAGES)), window=window)
+def _map_partitions(
+    layout: GalleryLayout, config: RunConfig, listing: DatasetListing, pipeline: FacePipeline,
+    partitions: Sequence[Partition], todo: Sequence[Partition], workers: int, embed_in: str, progress: bool,
+) -> RunSummary:
+    """Run reader -> mapper -> writer over ``todo``, writing each partition when complete."""
+    start = time.perf_counter()
+    faces_written = failures_written = processed = 0
+    first_result: tuple[float, int] | None = None  # when the first images came back: start-up is over
+    face_ids = _FaceIds(layout, partitions)
+    bar = _progress(len(listing.records), progress)
+    pending = {p.name for p in todo}
+    bar.update(sum(len(p.records) for p in partitions if p.name not in pending))
+    mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels, built=pipeline)
+    results = map_records(mapper, [r for p in todo for r in p.records], workers, embed_in,
+                          boundaries=itertools.accumulate(len(p.records) for p in todo))
+    try:
         for part in todo:
-            rows, failures = [], []
-            buffer: list[PreparedImage] = []
-
-            def collect(mapped_images: list[MappedImage]) -> None:
-                for mapped in mapped_images:
-                    rows.extend(mapped.faces)
-                    if mapped.failure is not None:
-                        failures.append(mapped.failure)
-
-            remaining = len(part.records)
-            while remaining > 0:
-                batch = next(results)
-                if split_embedding:
-                    buffer.extend(batch)
-                    if sum(len(p.detections) for p in buffer) >= EMBED_BATCH or remaining == len(batch):
-                        collect(main_mapper.finish(buffer))
-                        buffer = []
-                else:
-                    collect(batch)
-                remaining -= len(batch)
-                processed += len(batch)
+            rows: list[FaceRow] = []
+            failures: list[Failure] = []
+            for mapped in itertools.islice(results, len(part.records)):
+                rows.extend(mapped.faces)
+                if mapped.failure is not None:
+                    failures.append(mapped.failure)
+                processed += 1
                 if first_result is None:
                     first_result = (time.perf_counter(), processed)
-                bar.update(len(batch))
-            first_face_id = face_ids.first(part.index)
-            write_partition(out, part.name, rows, failures, first_face_id, pipeline.dim)
+                bar.update(1)
+            write_partition(layout.root, part.name, rows, failures, face_ids.first(part.index), pipeline.dim)
             face_ids.written(part.index, len(rows))
             faces_written += len(rows)
             failures_written += len(failures)
             log.debug("wrote %s: %d faces, %d failures", part.name, len(rows), len(failures))
-    except BrokenProcessPool as err:
-        raise IndexRunError(
-            "a worker process died (out of memory, or a crash in native code); completed partitions are kept: "
-            "rerun the same command to resume"
-        ) from err
     except KeyboardInterrupt:
         log.warning("interrupted: completed partitions are kept; rerun the same command to resume")
         raise
     finally:
+        results.close()
         bar.close()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-
     seconds = time.perf_counter() - start
-    if processed:
-        steady = ""
-        if first_result is not None and processed > first_result[1]:
-            after = (processed - first_result[1]) / max(1e-9, time.perf_counter() - first_result[0])
-            steady = f", {after:.2f} images/s after start-up"
-        log.info("processed %d images in %.1f s (%.2f images/s%s)", processed, seconds, processed / seconds, steady)
-    if build:
-        build_gallery(out, index_type=index_type, listing=listing)
-    summary = RunSummary(
-        gallery_dir=str(out), images=len(listing.records), partitions=len(partitions),
+    _log_rate(processed, seconds, first_result)
+    return RunSummary(
+        gallery_dir=str(layout.root), images=len(listing.records), partitions=len(partitions),
         partitions_done_before=len(partitions) - len(todo), partitions_written=len(todo),
         images_processed=processed, faces_written=faces_written, failures_written=failures_written, seconds=seconds,
     )
-    return summary
+
+
+def map_records(
+    mapper: FaceMapper, records: Sequence[ImageRecord], workers: int, embed_in: str = "workers",
+    boundaries: Iterable[int] = (),
+) -> Generator[MappedImage, None, None]:
+    """Every record's MappedImage, in order, computed by ``workers`` processes (0: here).
+    embed_in "main": workers stop at the crops and this process embeds them in batches,
+    never across ``boundaries`` (record counts: partition ends), so a resumed run batches,
+    and so computes, exactly as an uninterrupted one. Memory stays bounded: a window of
+    tasks is in flight. Close the generator to stop."""
+    split_embedding = embed_in == "main" and workers > 0
+    try:
+        with _MapperPool(mapper, workers, split_embedding) as pool:
+            window = max(4, workers * 4, (2 * EMBED_BATCH // TASK_IMAGES) if split_embedding else 0)
+            ends = sorted(set(boundaries) | {len(records)})
+            tasks = (t for start, end in zip([0] + ends, ends) for t in _chunks(records[start:end], TASK_IMAGES))
+            results = _ordered(pool.submit, tasks, window=window)
+            yield from _embedded(results, mapper if split_embedding else None, set(ends))
+    except BrokenProcessPool as err:
+        raise IndexRunError(
+            "a worker process died (out of memory, or a crash in native code); completed work is kept: "
+            "rerun the same command to resume"
+        ) from err
+
+
+def _embedded(results: Iterator[list], embed_here: FaceMapper | None, boundaries: set[int]) -> Iterator[MappedImage]:
+    """The mapped images of ``results``, in order. With ``embed_here``, results are
+    PreparedImages whose crops this process embeds in batches of EMBED_BATCH faces."""
+    buffer: list[PreparedImage] = []
+    seen = 0
+    for batch in results:
+        if embed_here is None:
+            yield from batch
+            continue
+        buffer.extend(batch)
+        seen += len(batch)
+        if sum(len(p.detections) for p in buffer) >= EMBED_BATCH or seen in boundaries:
+            yield from embed_here.finish(buffer)
+            buffer = []
+    if buffer:
+        yield from embed_here.finish(buffer)
+
+
+def _log_rate(processed: int, seconds: float, first_result: tuple[float, int] | None) -> None:
+    if not processed:
+        return
+    steady = ""
+    if first_result is not None and processed > first_result[1]:
+        after = (processed - first_result[1]) / max(1e-9, time.perf_counter() - first_result[0])
+        steady = f", {after:.2f} images/s after start-up"
+    log.info("processed %d images in %.1f s (%.2f images/s%s)", processed, seconds, processed / seconds, steady)
+
+
+class _MapperPool:
+    """Runs mapper tasks: in worker processes (spawn), or in this process when workers == 0.
+    ``split_embedding``: workers stop at the crops (prepare) and this process embeds."""
+
+    def __init__(self, mapper: FaceMapper, workers: int, split_embedding: bool) -> None:
+        self.mapper = mapper
+        self.workers = workers
+        self.work = prepare_in_worker if split_embedding else map_in_worker
+        self.executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "_MapperPool":
+        if self.workers > 0:
+            self.executor = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.mapper.root, self.mapper.pipeline_config, self.mapper.max_pixels),
+            )
+        return self
+
+    def submit(self, task: tuple[ImageRecord, ...]) -> Future:
+        if self.executor is not None:
+            return self.executor.submit(self.work, task)
+        future: Future = Future()
+        future.set_result(self.mapper(task))
+        return future
+
+    def __exit__(self, *exc: object) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _FaceIds:
     """Face ids continue from the partitions before: partitions are written in
     order, so those are complete (build re-checks contiguity)."""
 
-    def __init__(self, out: Path, partitions: Sequence[Partition]) -> None:
+    def __init__(self, layout: GalleryLayout, partitions: Sequence[Partition]) -> None:
         self.counts: dict[int, int] = {}
         for part in partitions:
-            path = out / MANIFEST_DIR / f"{part.name}.parquet"
+            path = layout.partition_file(MANIFEST_DIR, part.name)
             if path.exists():
                 self.counts[part.index] = row_count(path)
 

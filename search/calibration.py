@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
+
+from facesearch.errors import ConfigurationError
 
 Verdict = Literal["same", "uncertain", "different"]
 VERDICTS: tuple[Verdict, ...] = ("same", "uncertain", "different")
@@ -31,7 +33,7 @@ def verdict_label(verdict: str | None) -> str:
     return VERDICT_LABELS.get(verdict, VERDICT_LABELS[None])
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConfigurationError):
     """Thresholds that cannot be used."""
 
 
@@ -72,21 +74,18 @@ class Calibration:
             raise CalibrationError(f"calibration in gallery.json is malformed: {err}") from err
 
 
-def gallery_calibration(info: dict[str, Any]) -> Calibration | None:
-    """The calibration stored in a gallery.json, or None when uncalibrated."""
-    data = info.get(CALIBRATION_KEY)
-    return None if data is None else Calibration.from_dict(data)
+def gallery_calibration(data: Mapping[str, Any] | None) -> Calibration | None:
+    """The calibration stored in gallery.json (GalleryInfo.calibration), or None when uncalibrated."""
+    return None if data is None else Calibration.from_dict(dict(data))
 
 
 def save_calibration(gallery_dir: str | os.PathLike[str], calibration: Calibration) -> None:
-    """Store ``calibration`` in the gallery's gallery.json (atomically)."""
-    import json
-    from pathlib import Path
+    """Store ``calibration`` in the gallery's gallery.json (atomically, under the writer lock).
+    A fresh calibration clears the stale mark that removals leave."""
+    from indexer.layout import GalleryLayout, write_json_atomic
+    from indexer.lock import WriterLock
 
-    from indexer.build import GALLERY_FILE
-    from indexer.config import write_json_atomic
-
-    path = Path(gallery_dir) / GALLERY_FILE
-    info = json.loads(path.read_text(encoding="utf-8"))
-    info[CALIBRATION_KEY] = calibration.to_dict()
-    write_json_atomic(path, info)
+    layout = GalleryLayout(gallery_dir)
+    with WriterLock(layout.root, "face-search eval"):
+        info = layout.read_info()
+        write_json_atomic(layout.info_file, info.replace(calibration=calibration.to_dict()).to_json())

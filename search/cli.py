@@ -9,17 +9,15 @@ from pathlib import Path
 import click
 
 from data.images import ImageLoadError, load_image
-from data.readers import DatasetError
-from embedder.backends.dlib_backends import BackendUnavailableError
-from embedder.registry import UnknownBackendError
-from indexer.logs import setup_logging
-from search.gallery import Gallery, GalleryError
-from search.searcher import Searcher
+from facesearch.cli import ErrorHandlingGroup
+from facesearch.logs import setup_logging
+from search.gallery import Gallery
+from search.searcher import Searcher, configure_faiss
 
 log = logging.getLogger("face-search")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
@@ -30,6 +28,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-search query me.jpg --gallery gallery/ -k 8
     """
     setup_logging(verbose, quiet)
+    configure_faiss()
 
 
 @main.command()
@@ -44,10 +43,7 @@ def query(images: tuple[str, ...], gallery_dir: str, k: int, as_json: bool) -> N
 
         face-search query photo.jpg --gallery /tmp/gallery -k 5 --json
     """
-    try:
-        searcher = Searcher(gallery_dir)
-    except (GalleryError, UnknownBackendError, BackendUnavailableError) as err:
-        raise click.ClickException(str(err)) from err
+    searcher = Searcher(gallery_dir)
     report = []
     for path in images:
         entry: dict[str, object] = {"image": path}
@@ -93,18 +89,16 @@ def eval_command(gallery_dir: str, fprs: tuple[float, ...], k: int, calibrate_fp
         face-search eval gallery/ --lfw-pairs lfw/pairs.txt --json
     """
     from search.calibration import save_calibration
-    from search.evaluate import EvalError, evaluate, format_eval
+    from indexer.layout import GalleryLayout
+    from search.evaluate import evaluate, format_eval
 
-    figures = Path(figures_dir) if figures_dir else Path(gallery_dir) / "eval"
-    try:
-        result = evaluate(gallery_dir, fprs=tuple(fprs), k=k, calibration_fpr=calibrate_fpr,
-                          lfw_pairs=lfw_pairs, figures_dir=figures)
-    except (GalleryError, EvalError, DatasetError) as err:
-        raise click.ClickException(str(err)) from err
+    figures = Path(figures_dir) if figures_dir else GalleryLayout(gallery_dir).eval_dir
+    result = evaluate(gallery_dir, fprs=tuple(fprs), k=k, calibration_fpr=calibrate_fpr,
+                      lfw_pairs=lfw_pairs, figures_dir=figures)
     (figures / "eval.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     if save:
         save_calibration(gallery_dir, result.calibration)
-        log.info("calibration stored in %s", Path(gallery_dir) / "gallery.json")
+        log.info("calibration stored in %s", GalleryLayout(gallery_dir).info_file)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_eval(result))
 
 
@@ -122,12 +116,9 @@ def report(queries: tuple[str, ...], gallery_dir: str, out: str, k: int) -> None
 
         face-search report me.jpg holiday/ --gallery gallery/ --out report.html
     """
-    from search.report import ReportError, build_report
+    from search.report import build_report
 
-    try:
-        summary = build_report(gallery_dir, queries, out, k=k)
-    except (GalleryError, UnknownBackendError, BackendUnavailableError, ReportError) as err:
-        raise click.ClickException(str(err)) from err
+    summary = build_report(gallery_dir, queries, out, k=k)
     verdicts = ", ".join(f"{v} {n}" for v, n in sorted(summary.top_verdicts.items())) or "none"
     click.echo(f"{summary.path}: {summary.queries} images, {summary.faces} faces ({summary.no_face} without a face, "
                f"{summary.errors} unreadable); best matches: {verdicts}")
@@ -149,15 +140,10 @@ def audit(gallery_dir: str, out: str | None, duplicate_threshold: float, limit: 
         face-search audit gallery/ --out audit.html
     """
     from search.audit import audit_gallery, format_audit, write_audit_html
-    from search.evaluate import EvalError
-    from search.gallery import Gallery
 
-    try:
-        gallery = Gallery.load(gallery_dir)
-        result = audit_gallery(gallery, duplicate_threshold=duplicate_threshold)
-    except (GalleryError, EvalError) as err:
-        raise click.ClickException(str(err)) from err
-    path = write_audit_html(result, gallery, out or Path(gallery_dir) / "audit.html", limit=limit)
+    gallery = Gallery.load(gallery_dir)
+    result = audit_gallery(gallery, duplicate_threshold=duplicate_threshold)
+    path = write_audit_html(result, gallery, out or gallery.layout.audit_file, limit=limit)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_audit(result) + f"\nHTML: {path}")
 
 
@@ -187,10 +173,7 @@ def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixe
         raise click.ClickException(f"the service needs FastAPI and uvicorn: pip install 'facesearch[serve]' ({err})") from err
     settings = ServiceSettings(gallery=gallery_dir, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                                max_k=max_k, **({"concurrency": concurrency} if concurrency else {}))
-    try:
-        Gallery.load(gallery_dir)  # fail here, with a clean message, rather than inside uvicorn's start-up
-    except GalleryError as err:
-        raise click.ClickException(str(err)) from err
+    Gallery.load(gallery_dir)  # fail here, with a clean message, rather than inside uvicorn's start-up
     run_service(settings, host=host, port=port)
 
 
@@ -220,10 +203,7 @@ def bot(gallery_dir: str, allowed: tuple[int, ...], rate: int, max_file_mb: floa
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise click.ClickException(f"set {TOKEN_ENV} to the bot's token (from @BotFather); it is never taken as a flag")
-    try:
-        Gallery.load(gallery_dir)
-    except GalleryError as err:
-        raise click.ClickException(str(err)) from err
+    Gallery.load(gallery_dir)
     settings = BotSettings(gallery=gallery_dir, allowed_users=frozenset(allowed) if allowed else None, rate_limit=rate,
                            max_file_bytes=int(max_file_mb * 2**20), max_faces=max_faces, api_server=api_server)
     try:
@@ -248,12 +228,9 @@ def watch(source: str, gallery_dir: str, out: str | None, every: int, max_frames
 
         face-search watch clip.mp4 --gallery gallery/ --out clip-labelled.mp4
     """
-    from search.watch import WatchError, watch as run_watch
+    from search.watch import watch as run_watch
 
-    try:
-        summary = run_watch(Searcher(gallery_dir), source, out=out, every=every, max_frames=max_frames, show=window)
-    except (GalleryError, UnknownBackendError, BackendUnavailableError, WatchError) as err:
-        raise click.ClickException(str(err)) from err
+    summary = run_watch(Searcher(gallery_dir), source, out=out, every=every, max_frames=max_frames, show=window)
     top = ", ".join(f"{k} ({n})" for k, n in sorted(summary.identities.items(), key=lambda kv: -kv[1])[:5]) or "none"
     where = f" -> {summary.output}" if summary.output else ""
     click.echo(f"{summary.frames} frames, {summary.faces} faces in {summary.seconds:.1f} s "

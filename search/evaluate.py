@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.errors import GalleryError
 from search.calibration import Calibration
 from search.gallery import Gallery
 from search.metrics import Verification, identification, ten_fold_accuracy, verification
@@ -33,7 +34,7 @@ DEFAULT_CALIBRATION_FPR = 1e-3
 UNCERTAIN_FACTOR = 10  # the uncertain band's FPR is this many times the calibrated one
 
 
-class EvalError(ValueError):
+class EvalError(GalleryError, ValueError):
     """A gallery that cannot be evaluated, and why."""
 
 

@@ -1,68 +1,95 @@
-"""A gallery directory loaded for search: manifest metadata + FAISS index."""
+"""A gallery directory loaded for search: manifest metadata + FAISS index.
+
+Face ids are stable (format 2): the index answers face ids, and ``position``
+maps them to rows of the in-memory metadata. In format 1 they are the row numbers.
+A load reads one generation: gallery.json names its files, and if a writer
+replaces them while we read, the load starts again from the new gallery.json.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from indexer.build import GALLERY_FILE, INDEX_FILE, apply_index_settings
-from indexer.writer import manifest_parts
+from facesearch.errors import GalleryError, NotFoundError
+from indexer.build import apply_index_settings
+from indexer.catalog import is_external
+from indexer.layout import META_COLUMNS, GalleryInfo, GalleryLayout, embeddings_of, read_tables
 from search.calibration import Calibration, CalibrationError, gallery_calibration
 
-#: Manifest columns kept in memory for answering queries (embeddings stay on disk).
-META_COLUMNS = ["face_id", "path", "identity", "split", "face_index", "box", "score"]
+log = logging.getLogger(__name__)
 
+__all__ = ["META_COLUMNS", "Gallery", "GalleryError"]
 
-class GalleryError(Exception):
-    """A gallery directory that cannot be searched, and why."""
+#: how often a load restarts when a writer swaps generations under it
+LOAD_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, eq=False)
 class Gallery:
-    """An index and the manifest rows its ids point to (id = row number)."""
+    """An index and the manifest rows its ids point to."""
 
     directory: Path
-    info: dict[str, Any]
+    info: GalleryInfo
     index: Any
     meta: pa.Table
+    face_ids: np.ndarray  # sorted ascending, one per meta row
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> "Gallery":
-        """Load and check a gallery: the index must hold one vector per
-        manifest row, of the dimension gallery.json states."""
+        """Load and check a gallery: the index must hold one vector per manifest row, of
+        the dimension gallery.json states. Retries when a writer commits meanwhile."""
+        layout = GalleryLayout(Path(directory))
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                return cls._load_once(layout)
+            except FileNotFoundError as err:  # a writer removed the previous generation's files
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise GalleryError(
+                        f"{err.filename} is missing: restore it, or run face-index build --drop-missing "
+                        f"{layout.root} and then face-index sync {layout.root} to re-add its images"
+                    ) from err
+                log.debug("generation changed while loading %s; reading it again", layout.root)
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @classmethod
+    def _load_once(cls, layout: GalleryLayout) -> "Gallery":
         import faiss
 
-        path = Path(directory)
-        info_path = path / GALLERY_FILE
-        if not info_path.is_file():
-            hint = " (an index run is unfinished: rerun face-index run, or face-index build)" if (path / "run.json").exists() else ""
-            raise GalleryError(f"{path} is not a gallery: {GALLERY_FILE} is missing{hint}")
+        path = layout.root
+        info = layout.read_info()
+        index_path = layout.index_path(info)
+        if not index_path.is_file():
+            raise FileNotFoundError(2, "missing", str(index_path))
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise GalleryError(f"{info_path} is unreadable: {err}") from err
-        if not (path / INDEX_FILE).is_file():
-            raise GalleryError(f"{path} has no {INDEX_FILE}: run face-index build {path}")
-        try:
-            index = faiss.read_index(str(path / INDEX_FILE))
+            index = faiss.read_index(str(index_path))
         except RuntimeError as err:
-            raise GalleryError(f"{path / INDEX_FILE} is not a readable FAISS index: {err}") from err
-        apply_index_settings(index, info.get("index", {}))
-        parts = manifest_parts(path)
+            if not index_path.is_file():
+                raise FileNotFoundError(2, "missing", str(index_path)) from err
+            raise GalleryError(f"{index_path} is not a readable FAISS index: {err}") from err
+        apply_index_settings(index, dict(info.index))
+        parts = layout.manifest_files(info)
         if not parts:
             raise GalleryError(f"{path} has no manifest partitions")
+        for part in parts:
+            if not part.is_file():
+                raise FileNotFoundError(2, "missing", str(part))
         try:
-            meta = pa.concat_tables([pq.read_table(p, columns=META_COLUMNS) for p in parts])
+            meta = read_tables(parts, META_COLUMNS)
+        except FileNotFoundError:
+            raise
         except (OSError, pa.ArrowInvalid) as err:
             raise GalleryError(f"{path}: manifest unreadable: {err}") from err
-        dim = int(info.get("embedding_dim", -1))
+        assert meta is not None
+        dim = info.embedding_dim
         if index.d != dim:
             raise GalleryError(f"{path}: the index is {index.d}-D but gallery.json says {dim}-D; rebuild with face-index build")
         if index.ntotal != meta.num_rows:
@@ -70,17 +97,27 @@ class Gallery:
                 f"{path}: the index holds {index.ntotal} vectors but the manifest {meta.num_rows} rows; "
                 "rebuild with face-index build"
             )
-        ids = meta.column("face_id").to_numpy()
-        if not np.array_equal(ids, np.arange(len(ids))):
+        ids = meta.column("face_id").to_numpy().astype(np.int64)
+        if info.format_version == 1 and not np.array_equal(ids, np.arange(len(ids))):
             raise GalleryError(f"{path}: manifest face ids are not 0..N-1 in order; rebuild with face-index build")
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():
+            raise GalleryError(f"{path}: manifest face ids are not increasing; rebuild with face-index build")
         try:
-            gallery_calibration(info)
+            gallery_calibration(info.calibration)
         except CalibrationError as err:
-            raise GalleryError(f"{info_path}: {err}") from err
-        return cls(directory=path, info=info, index=index, meta=meta.combine_chunks())
+            raise GalleryError(f"{layout.info_file}: {err}") from err
+        return cls(directory=path, info=info, index=index, meta=meta, face_ids=ids)
 
     def __len__(self) -> int:
         return self.meta.num_rows
+
+    @property
+    def layout(self) -> GalleryLayout:
+        return GalleryLayout(self.directory)
+
+    @property
+    def generation(self) -> int:
+        return self.info.generation
 
     @property
     def dim(self) -> int:
@@ -88,28 +125,41 @@ class Gallery:
 
     @property
     def dataset_root(self) -> str | None:
-        return self.info.get("dataset", {}).get("root")
+        return self.info.dataset_root
 
     @property
     def calibration(self) -> Calibration | None:
         """Thresholds from ``face-search eval``, or None when uncalibrated."""
-        return gallery_calibration(self.info)
+        return gallery_calibration(self.info.calibration)
 
-    def image_path(self, relative: str) -> Path | None:
-        """The image of a manifest path under the dataset root recorded in gallery.json (None if none is recorded)."""
+    def image_path(self, path: str) -> Path | None:
+        """The image file of a manifest path: absolute paths (added from outside the dataset)
+        as they are, others under the dataset root recorded in gallery.json (None if none)."""
+        if is_external(path):
+            return Path(path)
         root = self.dataset_root
-        return None if root is None else Path(root) / relative
+        return None if root is None else Path(root) / path
+
+    def positions(self, face_ids: np.ndarray) -> np.ndarray:
+        """Row positions of ``face_ids`` (which must be in the gallery)."""
+        return np.searchsorted(self.face_ids, np.asarray(face_ids, np.int64))
+
+    def has(self, face_id: int) -> bool:
+        i = int(np.searchsorted(self.face_ids, face_id))
+        return i < len(self.face_ids) and int(self.face_ids[i]) == face_id
 
     def row(self, face_id: int) -> dict[str, Any]:
-        if not 0 <= face_id < len(self):
-            raise KeyError(f"face id {face_id} is not in this gallery of {len(self)} faces")
-        return {name: self.meta.column(name)[face_id].as_py() for name in META_COLUMNS}
+        if isinstance(face_id, bool) or not self.has(int(face_id)):
+            raise NotFoundError(f"no face {face_id} in this gallery of {len(self)} faces")
+        i = int(self.positions(np.array([face_id]))[0])
+        return {name: self.meta.column(name)[i].as_py() for name in META_COLUMNS}
 
     def read_columns(self, columns: list[str]) -> pa.Table:
         """Manifest columns for all faces, in face-id order (read from disk)."""
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in manifest_parts(self.directory)]).combine_chunks()
+        table = read_tables(self.layout.manifest_files(self.info), columns)
+        assert table is not None
+        return table
 
     def embeddings(self) -> np.ndarray:
         """All embeddings (N, dim) float32, in face-id order, read from the manifest."""
-        column = self.read_columns(["embedding"]).column("embedding").combine_chunks()
-        return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, self.dim)
+        return embeddings_of(self.read_columns(["embedding"]))

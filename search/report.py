@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from facesearch.errors import ConfigurationError
 from data.images import ImageLoadError, load_image
 from search.html import (
     GalleryThumbnails, esc, face_thumbnail, figure, filters, page, summary_table, write_page,
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class ReportError(ValueError):
+class ReportError(ConfigurationError):
     """A report that cannot be made, and why."""
 
 

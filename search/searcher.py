@@ -12,6 +12,7 @@ from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.types import Face
 from embedder.vectors import l2_normalize
 from search.calibration import Verdict
+from facesearch.errors import ConfigurationError
 from search.gallery import Gallery, GalleryError
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ FAISS_BLAS_THRESHOLD = 16
 
 
 def configure_faiss() -> None:
+    """A process-wide faiss switch, set once where a searching process starts (the
+    face-search CLI, the service); Python users searching large batches call it too."""
     import faiss
 
     faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
@@ -75,60 +78,93 @@ class Searcher:
     def __init__(self, gallery: Gallery | str, pipeline: FacePipeline | None = None) -> None:
         self.gallery = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
         self._pipeline = pipeline
-        configure_faiss()
 
     @property
     def pipeline(self) -> FacePipeline:
         if self._pipeline is None:
-            config = self.gallery.info.get("pipeline", {}).get("config")
+            config = self.gallery.info.pipeline_config
             if config is None:
                 raise GalleryError(f"{self.gallery.directory}: gallery.json does not record its pipeline")
-            self._pipeline = FacePipeline(PipelineConfig.from_dict(config))
+            self._pipeline = FacePipeline(PipelineConfig.from_dict(dict(config)))
         if self._pipeline.dim != self.gallery.dim:
             raise GalleryError(
                 f"the query pipeline gives {self._pipeline.dim}-D embeddings, the gallery holds {self.gallery.dim}-D"
             )
         return self._pipeline
 
-    def search(self, image: np.ndarray, k: int = 8) -> list[FaceResult]:
-        """Every face of ``image`` (largest first) with its k nearest gallery faces."""
+    def search(self, image: np.ndarray, k: int = 8, gallery: Gallery | None = None) -> list[FaceResult]:
+        """Every face of ``image`` (largest first) with its k nearest gallery faces.
+        gallery: a snapshot of ``self.gallery`` to answer from (default: the current one)."""
+        gallery = gallery or self.gallery
         faces = self.pipeline(image)
         if not faces:
             return []
-        matches = self.search_vectors(np.stack([f.embedding for f in faces]), k)
+        matches = self._search_vectors(gallery, np.stack([f.embedding for f in faces]), k)
         return [FaceResult(face, tuple(m)) for face, m in zip(faces, matches)]
 
-    def search_vectors(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 8) -> list[list[Match]]:
+    def refresh(self) -> bool:
+        """Load the gallery again if another process changed it (a new generation in
+        gallery.json). Searches running meanwhile finish on the gallery they started
+        with. Returns True when a new generation was loaded."""
+        current = self.gallery
+        try:
+            generation = current.layout.read_info().generation
+        except GalleryError as err:
+            log.warning("cannot read %s (%s); still serving generation %d", current.directory, err, current.generation)
+            return False
+        if generation == current.generation:
+            return False
+        fresh = Gallery.load(current.directory)
+        if fresh.info.pipeline_config != current.info.pipeline_config:
+            self._pipeline = None  # rebuilt on the next image search
+        self.gallery = fresh
+        log.info("gallery %s: generation %d -> %d (%d faces)", current.directory, current.generation,
+                 fresh.generation, len(fresh))
+        return True
+
+    def search_vectors(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 8,
+                       gallery: Gallery | None = None) -> list[list[Match]]:
         """k nearest gallery faces of each row of ``vectors`` (normalised here)."""
+        return self._search_vectors(gallery or self.gallery, vectors, k)
+
+    @staticmethod
+    def _search_vectors(gallery: Gallery, vectors: np.ndarray | Sequence[Sequence[float]], k: int) -> list[list[Match]]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        queries = np.asarray(vectors, dtype=np.float32)
+            raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+        try:
+            queries = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ConfigurationError(f"query vectors must be numbers of shape (n, {gallery.dim})") from err
         if queries.ndim == 1:
             queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != self.gallery.dim:
-            raise ValueError(f"query vectors must be (n, {self.gallery.dim}), got {queries.shape}")
-        if len(queries) == 0 or len(self.gallery) == 0:
+        if queries.ndim != 2 or queries.shape[1] != gallery.dim:
+            raise ConfigurationError(f"query vectors must be (n, {gallery.dim}), got {queries.shape}")
+        if len(queries) == 0 or len(gallery) == 0:
             return [[] for _ in range(len(queries))]
         if not np.isfinite(queries).all():
-            raise ValueError("query vectors contain NaN or infinity")
-        scores, ids = self.gallery.index.search(l2_normalize(queries), int(min(k, len(self.gallery))))
-        meta = self.gallery.meta
-        paths = meta.column("path")
-        identities = meta.column("identity")
-        boxes = meta.column("box")
-        face_indices = meta.column("face_index")
-        calibration = self.gallery.calibration
+            raise ConfigurationError("query vectors contain NaN or infinity")
+        scores, ids = gallery.index.search(l2_normalize(queries), int(min(k, len(gallery))))
+        found = ids >= 0
+        rows = gallery.positions(np.where(found, ids, gallery.face_ids[0] if len(gallery) else 0))
+        meta = gallery.meta
+        flat_rows = rows.reshape(-1)
+        paths = meta.column("path").take(flat_rows).to_pylist()
+        identities = meta.column("identity").take(flat_rows).to_pylist()
+        boxes = meta.column("box").take(flat_rows).to_pylist()
+        face_indices = meta.column("face_index").take(flat_rows).to_pylist()
+        calibration = gallery.calibration
         out = []
-        for row_scores, row_ids in zip(scores, ids):
-            out.append(
-                [
-                    Match(
-                        face_id=int(i), cosine=float(s), identity=identities[int(i)].as_py(), path=paths[int(i)].as_py(),
-                        box=tuple(boxes[int(i)].as_py()), face_index=int(face_indices[int(i)].as_py()),
-                        verdict=calibration.verdict(float(s)) if calibration is not None else None,
-                    )
-                    for s, i in zip(row_scores, row_ids)
-                    if i >= 0
-                ]
-            )
+        width = ids.shape[1]
+        for q in range(len(queries)):
+            matches = []
+            for j in range(width):
+                if not found[q, j]:
+                    continue
+                at, cosine = q * width + j, float(scores[q, j])
+                matches.append(Match(
+                    face_id=int(ids[q, j]), cosine=cosine, identity=identities[at], path=paths[at],
+                    box=tuple(boxes[at]), face_index=int(face_indices[at]),
+                    verdict=calibration.verdict(cosine) if calibration is not None else None,
+                ))
+            out.append(matches)
         return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facesearch.errors import ConfigurationError
 from search.calibration import VERDICT_BGR
 from search.searcher import FaceResult, Searcher
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 
-class WatchError(RuntimeError):
+class WatchError(ConfigurationError):
     """A video source or output that cannot be used."""
 
 

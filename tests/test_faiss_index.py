@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.build import GalleryBuildError, make_index
+from facesearch.errors import ConfigurationError
+from indexer.build import make_index
 from search.searcher import configure_faiss
 
 
@@ -44,5 +45,5 @@ def test_approximate_indexes_against_brute_force(kind, min_recall):
 
 
 def test_unknown_index_type():
-    with pytest.raises(GalleryBuildError, match="unknown index type"):
+    with pytest.raises(ConfigurationError, match="unknown index type"):
         make_index("lsh", np.zeros((3, 8), np.float32))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from indexer.logs import setup_logging
+from facesearch.cli import ErrorHandlingGroup
+from facesearch.logs import setup_logging
 
 log = logging.getLogger("face-train")
 FORMATS = ["celeba", "lfw", "folders", "folder"]
@@ -23,16 +24,7 @@ def _init_options(f):  # noqa: ANN001, ANN202
     return f
 
 
-def _errors():  # noqa: ANN202
-    from embedder.nets import CheckpointError
-    from training.embedder import ResumeError
-    from training.samples import LabelsError
-    from training.yolo import DetectorDataError
-
-    return (CheckpointError, LabelsError, ResumeError, DetectorDataError)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
@@ -98,23 +90,20 @@ def detector(source: str, fmt: str, out: str, model: str, epochs: int, imgsz: in
     from training.samples import label_dataset
     from training.yolo import detector_samples, has_celeba_wild, train_yolo, write_yolo_dataset
 
-    try:
-        if fmt == "celeba" and has_celeba_wild(source):
-            samples = detector_samples(source, "celeba-wild")
-        elif fmt != "labels":
-            log.info("no box and landmark annotations to use: pseudo-labelling %s with the default pipeline", source)
-            samples = detector_samples(str(label_dataset(source, fmt, Path(out) / "labels")), "labels")
-        else:
-            samples = detector_samples(source, "labels")
-        dataset = write_yolo_dataset(samples, Path(out) / "data", val_fraction)
-        click.echo(f"YOLO data: {dataset.data_yaml} ({dataset.train_images} train, {dataset.val_images} val images, "
-                   f"{dataset.faces} faces)")
-        if convert_only:
-            return
-        weights = train_yolo(dataset.data_yaml, Path(out) / "train", model=model, epochs=epochs, imgsz=imgsz, batch=batch,
-                             device=device)
-    except _errors() as err:
-        raise click.ClickException(str(err)) from err
+    if fmt == "celeba" and has_celeba_wild(source):
+        samples = detector_samples(source, "celeba-wild")
+    elif fmt != "labels":
+        log.info("no box and landmark annotations to use: pseudo-labelling %s with the default pipeline", source)
+        samples = detector_samples(str(label_dataset(source, fmt, Path(out) / "labels")), "labels")
+    else:
+        samples = detector_samples(source, "labels")
+    dataset = write_yolo_dataset(samples, Path(out) / "data", val_fraction)
+    click.echo(f"YOLO data: {dataset.data_yaml} ({dataset.train_images} train, {dataset.val_images} val images, "
+               f"{dataset.faces} faces)")
+    if convert_only:
+        return
+    weights = train_yolo(dataset.data_yaml, Path(out) / "train", model=model, epochs=epochs, imgsz=imgsz, batch=batch,
+                         device=device)
     click.echo(f"weights: {weights}")
 
 
@@ -141,11 +130,8 @@ def landmarks(labels: str, out: str, arch: str, size: int, epochs: int, batch: i
     """
     from training.landmarks import train_landmarks
 
-    try:
-        result = train_landmarks(labels, out, arch=arch, size=size, epochs=epochs, batch_size=batch, lr=lr, wing_w=wing_w,
-                                 wing_epsilon=wing_epsilon, device=device, pretrained=pretrained, init=init)
-    except _errors() as err:
-        raise click.ClickException(str(err)) from err
+    result = train_landmarks(labels, out, arch=arch, size=size, epochs=epochs, batch_size=batch, lr=lr, wing_w=wing_w,
+                             wing_epsilon=wing_epsilon, device=device, pretrained=pretrained, init=init)
     click.echo(f"{result.checkpoint}: validation NME {result.best_nme:.4f} (mean shape {result.mean_shape_nme:.4f})")
 
 
@@ -185,10 +171,7 @@ def embedder(labels: str, out: str, arch: str, dim: int, size: int, epochs: int,
     settings = EmbedderSettings(arch=arch, dim=dim, size=size, epochs=epochs, ce_epochs=ce_epochs, batch_size=batch, lr=lr,
                                 arcface_s=arcface_s, arcface_m=arcface_m, label_smoothing=label_smoothing,
                                 val_identities=val_identities, heavy_augment=not light_augment, sunglasses=sunglasses)
-    try:
-        result = train_embedder(labels, out, settings, device=device, pretrained=pretrained, init=init, resume=resume)
-    except _errors() as err:
-        raise click.ClickException(str(err)) from err
+    result = train_embedder(labels, out, settings, device=device, pretrained=pretrained, init=init, resume=resume)
     click.echo(f"{result.checkpoint}: held-out TPR at FPR 1e-2 {result.best['tpr']:.4f} (threshold "
                f"{result.best['threshold']:.4f}); at initialisation {result.initial['tpr']:.4f}")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.errors import ConfigurationError
 from embedder.align import ARCFACE_112, AlignTemplate
 from embedder.nets import Checkpoint, Preprocess, embedding_net, save_checkpoint
 from search.metrics import verification
@@ -26,7 +27,7 @@ CHECKPOINT_FILE = "embedder.pt"  # best held-out TPR at FPR 1e-2
 LAST_CHECKPOINT_FILE = "embedder-last.pt"  # the latest epoch
 
 
-class ResumeError(ValueError):
+class ResumeError(ConfigurationError):
     """A resume that would not continue the same training."""
 
 

@@ -3,25 +3,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from facesearch.errors import DatasetError
 from data.images import ImageLoadError, load_image
 from embedder.align import AlignTemplate, estimate_similarity, warp
 from embedder.crops import square_crop
-from indexer.writer import manifest_parts
+from indexer.layout import GalleryLayout, read_json, read_tables
 
 log = logging.getLogger(__name__)
 
 
-class LabelsError(ValueError):
+class LabelsError(DatasetError, ValueError):
     """A labels directory that cannot be used, and why."""
 
 
@@ -49,16 +47,16 @@ def label_dataset(root: str, format: str, out: str | os.PathLike[str], split: st
 def read_labels(labels_dir: str | os.PathLike[str], largest_only: bool = True) -> list[FaceSample]:
     """The faces of a labels directory. ``largest_only``: one face per image (the
     labelled person in identity datasets); False keeps every face (detector training)."""
-    directory = Path(labels_dir)
-    run = directory / "run.json"
-    if not run.is_file():
+    layout = GalleryLayout(Path(labels_dir))
+    directory = layout.root
+    if not layout.run_file.is_file():
         raise LabelsError(f"{directory} is not a labels directory (no run.json): make one with face-train label")
-    root = Path(json.loads(run.read_text(encoding="utf-8"))["dataset_root"])
-    parts = manifest_parts(directory)
-    if not parts:
-        raise LabelsError(f"{directory} has no manifest partitions: the labelling run found nothing")
+    root = Path(read_json(layout.run_file)["dataset_root"])
+    info = layout.read_info() if layout.info_file.is_file() else None
     columns = ["path", "identity", "face_index", "box", "landmarks", "width", "height"]
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts]).combine_chunks()
+    table = read_tables(layout.manifest_files(info), columns)
+    if table is None:
+        raise LabelsError(f"{directory} has no manifest partitions: the labelling run found nothing")
     boxes = np.asarray(table.column("box").combine_chunks().flatten().to_numpy(), np.float64).reshape(-1, 4)
     points = np.asarray(table.column("landmarks").combine_chunks().flatten().to_numpy(), np.float64).reshape(-1, 5, 2)
     out = []

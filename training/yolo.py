@@ -20,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from facesearch.errors import DatasetError
 from training.augment import FLIP_ORDER
 from training.samples import FaceSample, read_labels
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 KPT_SHAPE = (5, 3)
 
 
-class DetectorDataError(ValueError):
+class DetectorDataError(DatasetError, ValueError):
     """Annotations that cannot be converted, and why."""
 
 
