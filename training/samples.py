@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.images import ImageLoadError, load_image
-from embedder.align import AlignTemplate, estimate_similarity, warp
+from embedder.align import AlignTemplate, warp
 from embedder.crops import square_crop
+from embedder.geometry import estimate_similarity
 from indexer.writer import manifest_parts
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedder.align import AlignTemplate, dlib_chip_template, estimate_similarity, transform_points, DLIB5_UNIT
+from embedder.align import DLIB5_UNIT, AlignTemplate, dlib_chip_template
+from embedder.geometry import estimate_similarity, transform_points
 from embedder.registry import register
 from embedder.types import Detection
 from embedder.vectors import l2_normalize
