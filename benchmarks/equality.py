@@ -27,7 +27,7 @@ import dlib  # noqa: E402
 
 from data.images import load_image  # noqa: E402
 from data.readers import read_dataset  # noqa: E402
-from embedder.backends.dlib_backends import model_path  # noqa: E402
+from embedder.backends.base import model_path  # noqa: E402
 from embedder.pipeline import FacePipeline  # noqa: E402
 
 

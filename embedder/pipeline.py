@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import embedder.backends  # noqa: F401  (registers the built-in backends)
 from embedder import registry
 from embedder.align import align_face
 from embedder.types import Detection, Face

@@ -9,7 +9,7 @@ import click
 
 from data.images import DEFAULT_MAX_PIXELS
 from data.readers import FORMATS, SPLIT_CHOICES, DatasetError
-from embedder.backends.dlib_backends import BackendUnavailableError
+from embedder.backends.base import BackendUnavailableError
 from embedder.pipeline import PipelineConfig
 from embedder.registry import UnknownBackendError
 from indexer.build import GALLERY_FILE, INDEX_TYPES, GalleryBuildError, build_gallery

@@ -10,7 +10,7 @@ import click
 
 from data.images import ImageLoadError, load_image
 from data.readers import DatasetError
-from embedder.backends.dlib_backends import BackendUnavailableError
+from embedder.backends.base import BackendUnavailableError
 from embedder.registry import UnknownBackendError
 from indexer.logs import setup_logging
 from search.gallery import Gallery, GalleryError
