@@ -12,6 +12,7 @@ from data.readers import FORMATS, SPLIT_CHOICES, DatasetError
 from embedder.backends.base import BackendUnavailableError
 from embedder.pipeline import PipelineConfig
 from embedder.registry import UnknownBackendError
+from embedder.runtime import configure_process
 from indexer.build import GALLERY_FILE, INDEX_TYPES, GalleryBuildError, build_gallery
 from indexer.config import ConfigMismatchError, RunConfig
 from indexer.logs import setup_logging
@@ -33,6 +34,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-index run ~/data/celeba --format celeba --out gallery/
     """
     setup_logging(verbose, quiet)
+    configure_process()
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:

@@ -16,6 +16,7 @@ import numpy as np
 from data.images import ImageLoadError, load_image
 from data.records import ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
+from embedder.runtime import configure_process
 from embedder.types import Detection, Face
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker runs one image at a time: keep native thread pools to one thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ["FACESEARCH_TORCH_THREADS"] = "1"  # read by torch embedders when they load
+    configure_process(torch_threads=1)
     _WORKER_MAPPER = FaceMapper(root, pipeline, max_pixels)
 
 

@@ -12,6 +12,7 @@ from data.images import ImageLoadError, load_image
 from data.readers import DatasetError
 from embedder.backends.base import BackendUnavailableError
 from embedder.registry import UnknownBackendError
+from embedder.runtime import configure_process
 from indexer.logs import setup_logging
 from search.gallery import Gallery, GalleryError
 from search.searcher import Searcher
@@ -30,6 +31,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-search query me.jpg --gallery gallery/ -k 8
     """
     setup_logging(verbose, quiet)
+    configure_process()
 
 
 @main.command()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from embedder.runtime import configure_process
 from indexer.logs import setup_logging
 
 log = logging.getLogger("face-train")
@@ -44,6 +45,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-train embedder labels/lfw --out runs/embedder --epochs 20
     """
     setup_logging(verbose, quiet)
+    configure_process()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
 

@@ -7,7 +7,6 @@ as published by dlib). Models load on first use, never at import.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -269,6 +268,12 @@ class DlibResnetTorchEmbedder(LazyModel):
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     batch_size: chips per forward pass; larger is faster up to ~64 on CPU, more on GPU.
     channels_last: NHWC memory layout; None picks it on CPU, where it is faster.
+
+    The backend sets no process-wide torch switch. On CUDA, equality with dlib
+    needs TF32 off, which ``embedder.runtime.configure_process()`` does: the
+    command-line tools and the indexer's workers call it; call it yourself
+    before embedding on CUDA from Python (the backend warns when TF32 is on).
+    Thread counts are the process's too (the indexer's workers use one).
     """
 
     name = "dlib-resnet-torch"
@@ -292,14 +297,10 @@ class DlibResnetTorchEmbedder(LazyModel):
             raise BackendUnavailableError("the dlib-resnet-torch embedder needs torch: pip install torch") from err
         from embedder.backends.dlib_torch import load_dlib_resnet
 
-        threads = os.environ.get("FACESEARCH_TORCH_THREADS")
-        if threads:  # set by the indexer's worker processes: one thread each
-            torch.set_num_threads(int(threads))
         device = self.resolved_device()
-        if device.startswith("cuda"):
-            # Equality with dlib holds in fp32; TF32 convolutions would lose it.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if device.startswith("cuda") and torch.backends.cudnn.allow_tf32:
+            log.warning("dlib-resnet-torch on %s with TF32 convolutions on: embeddings differ from dlib's; "
+                        "call embedder.runtime.configure_process() when the process starts", device)
         channels_last = (device == "cpu") if self.channels_last is None else self.channels_last
         model = load_dlib_resnet(model_path("dlib_face_recognition_resnet_model_v1.dat"), device=device,
                                  channels_last=channels_last)
