@@ -140,14 +140,11 @@ class FaceMapper:
         embedded: dict[int, np.ndarray | MappedImage] = {}
         if with_faces:
             try:
-                vectors = self.pipeline.embed_crops(np.concatenate([p.crops for p in with_faces]))
+                vectors = self.pipeline.embed_groups([p.crops for p in with_faces])
             except Exception:  # noqa: BLE001 - one bad crop must not sink the batch: isolate it
                 embedded = {id(p): self._embed_one(p) for p in with_faces}
             else:
-                start = 0
-                for p in with_faces:
-                    embedded[id(p)] = vectors[start : start + len(p.detections)]
-                    start += len(p.detections)
+                embedded = {id(p): v for p, v in zip(with_faces, vectors)}
         out = []
         for p in prepared:
             if p.failure is not None:
