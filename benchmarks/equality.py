@@ -27,8 +27,9 @@ import dlib  # noqa: E402
 
 from data.images import load_image  # noqa: E402
 from data.readers import read_dataset  # noqa: E402
-from embedder.backends.dlib_backends import model_path  # noqa: E402
+from embedder.backends.base import model_path  # noqa: E402
 from embedder.pipeline import FacePipeline  # noqa: E402
+from embedder.runtime import configure_process  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=250, help="images from each of CelebA and LFW")
     parser.add_argument("--out", default="bench-out/equality.json")
     args = parser.parse_args()
+    configure_process()  # exact fp32 on CUDA: the equality this measures needs it
     celeba = read_dataset(SHARED / "celeba", "celeba", "test").records
     lfw = read_dataset(SHARED / "lfw", "lfw").records
     paths = [SHARED / "celeba" / r.path for r in celeba[:: max(1, len(celeba) // args.images)][: args.images]]

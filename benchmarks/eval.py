@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from embedder.runtime import configure_process  # noqa: E402
 from indexer import RunConfig, run_index  # noqa: E402
 from search.audit import audit_gallery, write_audit_html  # noqa: E402
 from search.calibration import save_calibration  # noqa: E402
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--report-queries", type=int, default=300)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_process()
     work, figures = Path(args.work), Path(args.figures)
 
     galleries = {

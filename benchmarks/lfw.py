@@ -30,6 +30,7 @@ from data.images import load_image  # noqa: E402
 from data.lfw_pairs import read_pairs  # noqa: E402
 from data.readers import lfw_image_dir  # noqa: E402
 from embedder.pipeline import FacePipeline, PipelineConfig  # noqa: E402
+from embedder.runtime import configure_process  # noqa: E402
 from embedder.types import Detection  # noqa: E402
 from embedder.vectors import l2_normalize  # noqa: E402
 from search.metrics import ten_fold_accuracy  # noqa: E402
@@ -78,6 +79,7 @@ def main() -> None:
     if args.upsample is not None and args.upsample.isdigit():
         args.upsample = int(args.upsample)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_process()
 
     root = Path(args.lfw)
     folds = read_pairs(root / "pairs.txt")

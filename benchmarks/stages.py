@@ -26,6 +26,7 @@ SHARED = Path(os.environ.get("FACESEARCH_SHARED_DATA", REPO.parent / "shared" / 
 from data.images import load_image  # noqa: E402
 from data.readers import read_dataset  # noqa: E402
 from embedder.pipeline import FacePipeline, PipelineConfig  # noqa: E402
+from embedder.runtime import configure_process  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, PipelineConfig]:
@@ -79,12 +80,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=None)
     parser.add_argument("--out", default="bench-out/stages.json")
     args = parser.parse_args()
-    try:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    except ImportError:
-        pass
+    configure_process(torch_threads=args.threads)
     samples = {
         "CelebA test crops": [SHARED / "celeba" / r.path for r in read_dataset(SHARED / "celeba", "celeba", "test").records[: args.images]],
         "LFW": [SHARED / "lfw" / r.path for r in read_dataset(SHARED / "lfw", "lfw").records[:: 13233 // args.images][: args.images]],

@@ -14,7 +14,6 @@ import io
 import struct
 import os
 import warnings
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -142,11 +141,3 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-
-
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) from the header, after EXIF orientation, without decoding."""
-    with Image.open(Path(path)) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from data.records import DatasetListing, ImageRecord
 from facesearch.errors import DatasetError
@@ -245,8 +245,3 @@ def read_dataset(root: str | os.PathLike[str], format: str, split: str = "all") 
     if split != "all":
         raise DatasetError(f"format {format} has no splits; use --split all")
     return FORMATS[format](root)
-
-
-def limit_records(records: Iterable[ImageRecord], limit: int | None) -> tuple[ImageRecord, ...]:
-    records = tuple(records)
-    return records if limit is None else records[:limit]

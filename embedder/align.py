@@ -1,9 +1,9 @@
 """Face alignment as pure functions around named templates.
 
 A template is a set of reference points in the output crop's pixel frame.
-``estimate_similarity`` finds the least-squares similarity transform (scale,
-rotation, translation; Umeyama 1991) from detected points to the template,
-and ``warp`` applies it to cut the crop.
+``embedder.geometry.estimate_similarity`` finds the least-squares similarity
+transform from detected points to the template, and ``warp`` applies it to cut
+the crop. Templates with dlib's chip geometry are cut by ``embedder.dlib_chip``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from embedder.dlib_chip import chip_details, extract_dlib_chip
+from embedder.geometry import estimate_similarity
 from embedder.types import Detection
 
 
@@ -73,40 +75,6 @@ def dlib_chip_template(size: int = 150, padding: float = 0.25) -> AlignTemplate:
     )
 
 
-def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity transform mapping ``src`` points onto ``dst``.
-
-    Returns a 2x3 float64 matrix M with dst ~= M[:, :2] @ src + M[:, 2].
-    Reflections are excluded (Umeyama's correction).
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
-        raise ValueError(f"need two matching (N>=2, 2) point sets, got {src.shape} and {dst.shape}")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c**2).sum() / len(src)
-    if src_var <= 1e-12:
-        raise ValueError("source points are all the same point")
-    cov = dst_c.T @ src_c / len(src)
-    u, s, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[1] = -1.0
-    rotation = u @ np.diag(d) @ vt
-    scale = (s * d).sum() / src_var
-    matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
-    return matrix
-
-
-def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 2x3 affine matrix to (N, 2) points."""
-    points = np.asarray(points, dtype=np.float64)
-    return points @ matrix[:, :2].T + matrix[:, 2]
-
-
 def invert(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a 2x3 affine matrix."""
     return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
@@ -148,8 +116,6 @@ def dlib_chip_matrix(points: np.ndarray, template: AlignTemplate) -> np.ndarray:
     rectangle: side ``size * scale - 1``, centred on the image of the chip's
     centre). :func:`align_face` cuts such chips with dlib's own sampling
     (``embedder.dlib_chip``); this matrix maps points into them."""
-    from embedder.dlib_chip import chip_details
-
     cols, rows = template.size
     (left, top, right, bottom), angle = chip_details(points, template.array(), cols)
     c, s = np.cos(angle), np.sin(angle)
@@ -175,8 +141,6 @@ def align_matrix(detection: Detection, template: AlignTemplate) -> np.ndarray:
 def align_face(image: np.ndarray, detection: Detection, template: AlignTemplate) -> np.ndarray:
     """The aligned crop of one face, (H, W, 3) uint8."""
     if template.geometry == "dlib-chip":
-        from embedder.dlib_chip import extract_dlib_chip
-
         points = points_for(detection, template.scheme)
         return extract_dlib_chip(image, points, template.array(), template.size[0])
     return warp(image, align_matrix(detection, template), template.size)

@@ -23,14 +23,14 @@ import math
 
 import numpy as np
 
+from embedder.geometry import estimate_similarity
+
 Rect = tuple[float, float, float, float]  # left, top, right, bottom (inclusive, dlib drectangle)
 
 
 def chip_details(points: np.ndarray, template_points: np.ndarray, size: int) -> tuple[Rect, float]:
     """dlib's ``chip_details(chip_points, img_points, dims)``: the extraction
     rectangle and angle for a ``size`` x ``size`` chip."""
-    from embedder.align import estimate_similarity
-
     to_image = estimate_similarity(template_points, points)
     px, py = to_image[0, 0], to_image[1, 0]
     angle = math.atan2(py, px)

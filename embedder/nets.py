@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.errors import BackendError
+
 CHECKPOINT_FORMAT = "facesearch-checkpoint"
 CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BackendError, ValueError):
     """A file that is not a usable facesearch checkpoint, and why."""
 
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import embedder.backends  # noqa: F401  (registers the built-in backends)
 from embedder import registry
 from embedder.align import align_face
 from embedder.types import Detection, Face
@@ -127,6 +128,15 @@ class FacePipeline:
             vectors = l2_normalize(vectors + self.embedder.embed(mirrored))
         return vectors
 
+    def embed_groups(self, groups: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The crops of many images embedded in one call, given back per image:
+        one (N_i, H, W, 3) array per image in, one (N_i, dim) array per image out."""
+        counts = [len(crops) for crops in groups]
+        if sum(counts) == 0:
+            return [np.zeros((0, self.dim), dtype=np.float32) for _ in groups]
+        vectors = self.embed_crops(np.concatenate([crops for crops in groups if len(crops)]))
+        return np.split(vectors, np.cumsum(counts)[:-1])
+
     # ------------------------------------------------------------------ whole
     def __call__(self, image: np.ndarray) -> list[Face]:
         return self.batch([image])[0]
@@ -134,17 +144,8 @@ class FacePipeline:
     def batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces of many images; the crops of all of them are embedded in one call."""
         detections = [self.detect(image) for image in images]
-        crops = [self.crops(image, dets) for image, dets in zip(images, detections)]
-        counts = [len(c) for c in crops]
-        if sum(counts) == 0:
-            return [[] for _ in images]
-        vectors = self.embed_crops(np.concatenate([c for c in crops if len(c)]))
-        out: list[list[Face]] = []
-        start = 0
-        for dets, count in zip(detections, counts):
-            out.append([Face(i, d, vectors[start + i]) for i, d in enumerate(dets)])
-            start += count
-        return out
+        vectors = self.embed_groups([self.crops(image, dets) for image, dets in zip(images, detections)])
+        return [[Face(i, d, v[i]) for i, d in enumerate(dets)] for dets, v in zip(detections, vectors)]
 
     def resolved_config(self) -> PipelineConfig:
         """This pipeline's config with every backend option spelled out, so that

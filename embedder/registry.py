@@ -1,22 +1,29 @@
 """Backends by name, one registry per stage (detector, landmarks, embedder).
 
-Factories are registered at import of ``embedder.backends`` and are cheap:
-a backend loads its model on first use, never at import.
+This module depends on nothing else in ``embedder``: backend modules import it
+to register themselves with :func:`register`. The built-in backends register
+when ``embedder.backends`` is imported, which ``embedder.pipeline`` (and so the
+``embedder`` package itself) does; a plug-in backend registers when its module
+is imported. Factories are cheap: a backend loads its model on first use,
+never at import.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from facesearch.errors import BackendError
+
 STAGES = ("detector", "landmarks", "embedder")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {stage: {} for stage in STAGES}
 
 
-class UnknownBackendError(ValueError):
-    """A backend name that no registry knows."""
+class UnknownBackendError(BackendError, ValueError):
+    """A backend name (or stage) that no registry knows; the message lists the known ones."""
 
 
 def register(stage: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Class decorator: ``@register("embedder", "my-name")`` makes the class buildable by that name."""
     if stage not in _REGISTRY:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
 
@@ -28,13 +35,12 @@ def register(stage: str, name: str) -> Callable[[Callable[..., Any]], Callable[.
 
 
 def available(stage: str) -> list[str]:
-    _load_builtin()
+    """Names registered for ``stage``, sorted."""
     return sorted(_REGISTRY[stage])
 
 
 def create(stage: str, name: str, **options: Any) -> Any:
     """Build the ``stage`` backend called ``name`` with ``options``."""
-    _load_builtin()
     if stage not in _REGISTRY:
         raise UnknownBackendError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     try:
@@ -44,7 +50,3 @@ def create(stage: str, name: str, **options: Any) -> Any:
             f"unknown {stage} backend {name!r}; available: {', '.join(sorted(_REGISTRY[stage]))}"
         ) from None
     return factory(**options)
-
-
-def _load_builtin() -> None:
-    import embedder.backends  # noqa: F401  (registers the built-in backends)

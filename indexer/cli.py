@@ -10,6 +10,7 @@ import click
 from data.images import DEFAULT_MAX_PIXELS
 from data.readers import FORMATS, SPLIT_CHOICES
 from embedder.pipeline import PipelineConfig
+from embedder.runtime import configure_process
 from facesearch.cli import ErrorHandlingGroup
 from facesearch.logs import setup_logging
 from indexer.build import INDEX_TYPES, build_gallery
@@ -31,6 +32,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-index run ~/data/celeba --format celeba --out gallery/
     """
     setup_logging(verbose, quiet)
+    configure_process()
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:

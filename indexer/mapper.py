@@ -16,6 +16,7 @@ import numpy as np
 from data.images import ImageLoadError, read_image
 from data.records import ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
+from embedder.runtime import configure_process
 from embedder.types import Detection, Face
 from indexer.layout import FailureKind
 
@@ -153,14 +154,11 @@ class FaceMapper:
         embedded: dict[int, np.ndarray | MappedImage] = {}
         if with_faces:
             try:
-                vectors = self.pipeline.embed_crops(np.concatenate([p.crops for p in with_faces]))
+                vectors = self.pipeline.embed_groups([p.crops for p in with_faces])
             except Exception:  # noqa: BLE001 - one bad crop must not sink the batch: isolate it
                 embedded = {id(p): self._embed_one(p) for p in with_faces}
             else:
-                start = 0
-                for p in with_faces:
-                    embedded[id(p)] = vectors[start : start + len(p.detections)]
-                    start += len(p.detections)
+                embedded = {id(p): v for p, v in zip(with_faces, vectors)}
         out = []
         for p in prepared:
             if p.failure is not None:
@@ -194,7 +192,7 @@ def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker runs one image at a time: keep native thread pools to one thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ["FACESEARCH_TORCH_THREADS"] = "1"  # read by torch embedders when they load
+    configure_process(torch_threads=1)
     _WORKER_MAPPER = FaceMapper(root, pipeline, max_pixels)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from data.images import ImageLoadError, load_image
+from embedder.runtime import configure_process
 from facesearch.cli import ErrorHandlingGroup
 from facesearch.logs import setup_logging
 from search.gallery import Gallery
@@ -29,6 +30,7 @@ def main(verbose: int, quiet: bool) -> None:
     """
     setup_logging(verbose, quiet)
     configure_faiss()
+    configure_process()
 
 
 @main.command()

@@ -13,9 +13,8 @@ from embedder.align import (
     align_face,
     align_matrix,
     dlib_chip_template,
-    estimate_similarity,
-    transform_points,
 )
+from embedder.geometry import estimate_similarity, transform_points
 from embedder.types import LANDMARK_NAMES, Detection
 from tests.conftest import CELEBA, LFW, PHOTOS
 

@@ -9,22 +9,22 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from embedder.backends import dlib_torch as dt
+from embedder.backends import dlib_dat as dd
 from tests.conftest import CELEBA, LFW
 
-MODEL = dt.default_model_path()
+MODEL = dd.default_model_path()
 pytestmark = pytest.mark.skipif(not os.path.isfile(MODEL), reason=f"model file missing: {MODEL}")
 
 
 @pytest.fixture(scope="module")
-def net() -> dt.DlibNet:
-    return dt.read_dlib_resnet_layers(MODEL)
+def net() -> dd.DlibNet:
+    return dd.read_dlib_resnet_layers(MODEL)
 
 
 def test_parser_reads_the_layer_structure(net):
     assert net.loss["version"] == "loss_metric_2"
     assert net.input["nr"] == net.input["nc"] == 150
-    np.testing.assert_allclose(net.input["avg_rgb"], dt.DLIB_RGB_MEAN, atol=1e-4)
+    np.testing.assert_allclose(net.input["avg_rgb"], dd.DLIB_RGB_MEAN, atol=1e-4)
     kinds = Counter(layer.kind for layer in net.layers)
     assert kinds == {"con": 29, "affine": 29, "relu": 29, "add_prev": 14, "avg_pool": 5, "max_pool": 1, "fc": 1}
     assert len(net.layers) == 108
@@ -45,24 +45,24 @@ def test_parser_reads_the_layer_structure(net):
 def test_primitive_decoders_on_the_files_own_bytes():
     with open(MODEL, "rb") as fh:
         head = fh.read(64)
-    r = dt._Reader(head)
+    r = dd._Reader(head)
     assert r.read_int() == 1  # add_loss_layer version
     assert r.read_string() == "loss_metric_2"
     # margin and dist_thresh as float_details: 0xa3d70a * 2**-28 and 0x99999a * 2**-24
     assert r.read_float() == np.float32(0.04)
     assert r.read_float() == np.float32(0.6)
-    r = dt._Reader(bytes([0x01, 0x00, 0x81, 0x05, 0x02, 0x2C, 0x01, 0x31, 0x30]))
+    r = dd._Reader(bytes([0x01, 0x00, 0x81, 0x05, 0x02, 0x2C, 0x01, 0x31, 0x30]))
     assert (r.read_int(), r.read_int(), r.read_int(), r.read_bool(), r.read_bool()) == (0, -5, 300, True, False)
     # an old (version 1) tensor of portable floats: 1x2x1x1 holding [0.04, -0.6]
     v1 = bytes([0x01, 0x01, 0x01, 0x01, 0x01, 0x02, 0x01, 0x01, 0x01, 0x01])
     v1 += bytes([0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C]) + bytes([0x83, 0x9A, 0x99, 0x99, 0x81, 0x18])
-    np.testing.assert_array_equal(dt._Reader(v1).read_tensor(), np.array([0.04, -0.6], np.float32).reshape(1, 2, 1, 1))
-    with pytest.raises(dt.DlibModelFormatError):
-        dt._Reader(bytes([0x75])).read_int()
+    np.testing.assert_array_equal(dd._Reader(v1).read_tensor(), np.array([0.04, -0.6], np.float32).reshape(1, 2, 1, 1))
+    with pytest.raises(dd.DlibModelFormatError):
+        dd._Reader(bytes([0x75])).read_int()
 
 
 def test_read_dlib_resnet_names_the_parsed_layers(net):
-    cold = dt.read_dlib_resnet(MODEL)
+    cold = dd.read_dlib_resnet(MODEL)
     convs = [layer for layer in net.layers if layer.kind == "con"]
     np.testing.assert_array_equal(cold["stem.conv.weight"], convs[0].params["weight"])
     np.testing.assert_array_equal(cold["blocks.13.unit2.conv.bias"], convs[-1].params["bias"])
@@ -76,14 +76,14 @@ def test_not_a_model_file_raises_clearly(tmp_path):
     truncated = tmp_path / "truncated.dat"
     with open(MODEL, "rb") as fh:
         truncated.write_bytes(fh.read(100_000))
-    with pytest.raises(dt.DlibModelFormatError, match="not a dlib serialisation") as info:
-        dt.read_dlib_resnet(truncated)
+    with pytest.raises(dd.DlibModelFormatError, match="not a dlib serialisation") as info:
+        dd.read_dlib_resnet(truncated)
     assert info.value.__cause__ is not None
     with pytest.raises(FileNotFoundError, match="cannot read dlib model file"):
-        dt.read_dlib_resnet(tmp_path / "absent.dat")
+        dd.read_dlib_resnet(tmp_path / "absent.dat")
     other = os.path.join(os.path.dirname(MODEL), "shape_predictor_5_face_landmarks.dat")
-    with pytest.raises(dt.DlibModelFormatError):
-        dt.read_dlib_resnet(other)
+    with pytest.raises(dd.DlibModelFormatError):
+        dd.read_dlib_resnet(other)
 
 
 def _real_chips(n_celeba: int, n_lfw: int) -> np.ndarray:
@@ -117,11 +117,13 @@ def test_torch_embedding_equals_dlib_on_real_faces():
     torch = pytest.importorskip("torch")
     import dlib
 
+    from embedder.backends.dlib_torch import load_dlib_resnet
+
     torch.set_num_threads(2)
     chips = _real_chips(5, 5)
     reference = dlib.face_recognition_model_v1(MODEL)
     expected = np.array([np.array(reference.compute_face_descriptor(chip)) for chip in chips])
-    model = dt.load_dlib_resnet(MODEL)
+    model = load_dlib_resnet(MODEL)
     assert not model.training
     got = model.embed(chips, batch_size=5).astype(np.float64)
     assert got.shape == (10, 128)
@@ -133,9 +135,11 @@ def test_torch_embedding_equals_dlib_on_real_faces():
 
 def test_add_prev_zero_pads_like_dlib():
     torch = pytest.importorskip("torch")
+    from embedder.backends.dlib_torch import dlib_add
+
     a = torch.ones(1, 4, 3, 3)
     b = torch.full((1, 2, 4, 4), 2.0)
-    out = dt.dlib_add(a, b)
+    out = dlib_add(a, b)
     assert out.shape == (1, 4, 4, 4)
     assert out[0, :2, :3, :3].eq(3).all() and out[0, 2:, :3, :3].eq(1).all()
     assert out[0, :2, 3, :].eq(2).all() and out[0, 2:, 3, :].eq(0).all()

@@ -67,6 +67,15 @@ def test_empty_in_empty_out():
     assert pipeline.detect(np.zeros((0, 0, 3), np.uint8)) == []
 
 
+def test_embed_groups_embeds_once_and_gives_each_image_its_rows():
+    pipeline = FacePipeline()
+    crops = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
+    groups = pipeline.embed_groups([crops[:2], crops[:0], crops[2:]])
+    assert [g.shape for g in groups] == [(2, 128), (0, 128), (1, 128)]
+    np.testing.assert_array_equal(np.concatenate(groups), pipeline.embed_crops(crops))
+    assert [g.shape for g in pipeline.embed_groups([crops[:0]])] == [(0, 128)]
+
+
 def test_mismatched_landmarks_are_refused():
     @register("landmarks", "test-canonical-only")
     class CanonicalOnly:  # gives LANDMARK_NAMES points but no dlib-5 keypoints

@@ -215,7 +215,7 @@ def test_onnx_arcface_backend(tmp_path):
     expected = x.mean(axis=(1, 2)) @ weight
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     assert np.allclose(out, expected, atol=1e-4)
-    from embedder.backends.dlib_backends import BackendUnavailableError
+    from embedder.backends.base import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="insightface"):
         create("embedder", "onnx-arcface", model=str(tmp_path / "missing.onnx"))

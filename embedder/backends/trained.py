@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedder.align import ARCFACE_112, AlignTemplate
-from embedder.backends.dlib_backends import BackendUnavailableError, _Lazy
+from embedder.backends.base import BackendUnavailableError, LazyModel
 from embedder.crops import square_crop
 from embedder.registry import register
 from embedder.types import Detection
@@ -27,7 +27,7 @@ ONNX_HELP = (
 )
 
 
-class _TorchLazy(_Lazy):
+class _TorchLazy(LazyModel):
     """One model shared by all threads (torch and onnxruntime inference are thread-safe)."""
 
     per_thread = False
