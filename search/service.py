@@ -7,8 +7,13 @@ A thin layer over :class:`search.searcher.Searcher`:
 - inference runs in worker threads, off the event loop, at most
   ``concurrency`` at a time; other requests wait their turn;
 - limits (upload bytes, image pixels, k) answer 413 / 422 with a message;
+- any :class:`facesearch.errors.FaceSearchError` answers its ``http_status``
+  with ``{"detail": <its one-line message>}``;
 - ``FACESEARCH_API_TOKEN``, when set, is the bearer token every ``/v1`` call needs;
 - one structured (JSON) log line per request, never image content.
+
+:func:`create_app` reads as the list of its steps: a :class:`ServiceState`
+that the lifespan fills, then one function per group of routes.
 """
 
 import asyncio
@@ -17,13 +22,15 @@ import json
 import logging
 import os
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from data.images import ImageLoadError, ImageTooLargeError, load_image_bytes
+from facesearch.errors import FaceSearchError, NotFoundError
 from search.html import GalleryThumbnails, encode_jpeg
 from search.searcher import Searcher
 
@@ -39,8 +46,52 @@ class ServiceSettings:
     max_upload_bytes: int = 10 * 2**20  # larger uploads: 413
     max_pixels: int = 40_000_000  # larger images are refused before decoding: 413
     max_k: int = 100  # k outside 1..max_k: 422
-    concurrency: int = max(1, os.cpu_count() or 1)  # searches running at once; more threads than cores gain nothing
+    concurrency: int | None = None  # searches running at once; None: the core count (more threads gain nothing)
     token: str | None = None  # None: read TOKEN_ENV; empty: no authentication
+
+    def search_slots(self) -> int:
+        """``concurrency``, or the core count of this machine when it is None."""
+        return self.concurrency if self.concurrency is not None else max(1, os.cpu_count() or 1)
+
+    def api_token(self) -> str:
+        """The bearer token the ``/v1`` routes need; empty: none."""
+        return self.token if self.token is not None else os.environ.get(TOKEN_ENV, "")
+
+
+class NotReadyError(FaceSearchError):
+    """A request that needs the gallery came before the lifespan loaded it."""
+
+    http_status = 503
+
+
+class ServiceState:
+    """What the routes share: the searcher and thumbnails once loaded, and the inference slots."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.ready = False
+        self._searcher: Searcher | None = None
+        self.thumbnails: GalleryThumbnails | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def load(self, gallery: str) -> Searcher:
+        """Open the gallery and warm the models up (detector, landmarks, embedder), off the event loop."""
+        searcher = await asyncio.to_thread(Searcher, gallery)
+        await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)
+        self._searcher, self.thumbnails = searcher, GalleryThumbnails(searcher.gallery)
+        self.ready = True
+        return searcher
+
+    def searcher(self) -> Searcher:
+        """The loaded searcher; NotReadyError (503) while the gallery is loading."""
+        if not self.ready or self._searcher is None:
+            raise NotReadyError("the gallery is still loading")
+        return self._searcher
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, once one of the ``concurrency`` slots is free."""
+        async with self._slots:
+            return await asyncio.to_thread(fn, *args)
 
 
 def _matches(result: list, threshold: float | None) -> list[dict[str, Any]]:
@@ -48,50 +99,70 @@ def _matches(result: list, threshold: float | None) -> list[dict[str, Any]]:
 
 
 def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optional dependency
-    """The FastAPI app. Importing FastAPI happens here, so the library works without it."""
-    from contextlib import asynccontextmanager
+    """The FastAPI app. Importing FastAPI happens here (and in the add_* steps), so the library works without it."""
+    from fastapi import Depends, FastAPI
 
-    from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, Field
-
-    token = settings.token if settings.token is not None else os.environ.get(TOKEN_ENV, "")
-    state: dict[str, Any] = {"ready": False}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
-        start = time.perf_counter()
-        searcher = await asyncio.to_thread(Searcher, settings.gallery)
-        # Warm up: load the detector, landmarks and embedder now, not on the first request.
-        await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)
-        state.update(searcher=searcher, thumbs=GalleryThumbnails(searcher.gallery),
-                     slots=asyncio.Semaphore(settings.concurrency), ready=True)
-        log.info(json.dumps({"event": "ready", "gallery": settings.gallery, "faces": len(searcher.gallery),
-                             "seconds": round(time.perf_counter() - start, 2), "auth": bool(token)}))
-        yield
-        state["ready"] = False
-
+    token = settings.api_token()
+    state = ServiceState(settings.search_slots())
     offline_docs = _swagger_assets()
     app = FastAPI(
-        title="facesearch", version="1", lifespan=lifespan,
+        title="facesearch", version="1", lifespan=_lifespan(settings, state, authenticated=bool(token)),
         description="Face search over a gallery: who looks like this face?",
         docs_url=None if offline_docs else "/docs",
     )
     if offline_docs:
-        # the bundled Swagger UI (4.x) reads OpenAPI 3.0 documents, not 3.1; the schema is the same
-        app.openapi_version = "3.0.3"
-    if offline_docs:  # Swagger UI from the swagger-ui-bundle package: /docs works without the internet
-        from fastapi.openapi.docs import get_swagger_ui_html
-        from fastapi.staticfiles import StaticFiles
+        add_offline_docs(app, offline_docs)
+    add_access_log(app)
+    add_error_handler(app)
+    auth = [Depends(bearer_auth(token))]
+    add_health_routes(app, state)
+    add_search_routes(app, state, settings, auth)
+    add_face_routes(app, state, auth)
+    return app
 
-        app.mount("/static/swagger", StaticFiles(directory=str(offline_docs)), name="swagger")
 
-        @app.get("/docs", include_in_schema=False)
-        async def docs() -> Response:
-            return get_swagger_ui_html(openapi_url=app.openapi_url, title="facesearch API",
-                                       swagger_js_url="/static/swagger/swagger-ui-bundle.js",
-                                       swagger_css_url="/static/swagger/swagger-ui.css",
-                                       swagger_favicon_url="/static/swagger/favicon-32x32.png")
+def _lifespan(settings: ServiceSettings, state: ServiceState, authenticated: bool):  # noqa: ANN202
+    """Load the gallery and the models before the first request; not ready again after shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        searcher = await state.load(settings.gallery)
+        log.info(json.dumps({"event": "ready", "gallery": settings.gallery, "faces": len(searcher.gallery),
+                             "seconds": round(time.perf_counter() - start, 2), "auth": authenticated}))
+        yield
+        state.ready = False
+
+    return lifespan
+
+
+def bearer_auth(token: str):  # noqa: ANN201
+    """The dependency the ``/v1`` routes need: 401 unless ``Authorization: Bearer <token>`` (no check when empty)."""
+    from fastapi import HTTPException, Request
+
+    def authorise(request: Request) -> None:
+        if not token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return authorise
+
+
+def add_error_handler(app) -> None:  # noqa: ANN001
+    """Answer every FaceSearchError with its ``http_status`` and ``{"detail": <its message>}``."""
+    from fastapi.responses import JSONResponse
+
+    async def face_search_error(request, err: FaceSearchError) -> JSONResponse:  # noqa: ANN001
+        return JSONResponse({"detail": str(err)}, status_code=err.http_status)
+
+    app.add_exception_handler(FaceSearchError, face_search_error)
+
+
+def add_access_log(app) -> None:  # noqa: ANN001
+    """One JSON line per request on ``facesearch.access``: method, path, status, ms, bytes in, client."""
+    from fastapi import Request
 
     @app.middleware("http")
     async def access(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -105,26 +176,27 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
         }))
         return response
 
-    def authorise(request: Request) -> None:
-        if not token:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def searcher() -> Searcher:
-        if not state["ready"]:
-            raise HTTPException(503, "the gallery is still loading")
-        return state["searcher"]
+def add_offline_docs(app, assets: Path) -> None:  # noqa: ANN001
+    """``/docs`` from the swagger-ui-bundle package's files, so it works without the internet."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import Response
+    from fastapi.staticfiles import StaticFiles
 
-    async def run(fn, *args):  # noqa: ANN001, ANN002, ANN202
-        async with state["slots"]:
-            return await asyncio.to_thread(fn, *args)
+    # the bundled Swagger UI (4.x) reads OpenAPI 3.0 documents, not 3.1; the schema is the same
+    app.openapi_version = "3.0.3"
+    app.mount("/static/swagger", StaticFiles(directory=str(assets)), name="swagger")
 
-    def check_k(k: int) -> None:
-        if not 1 <= k <= settings.max_k:
-            raise HTTPException(422, f"k must be between 1 and {settings.max_k}, got {k}")
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="facesearch API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
+
+
+def add_health_routes(app, state: ServiceState) -> None:  # noqa: ANN001
+    from fastapi.responses import JSONResponse
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -134,11 +206,21 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
         """The gallery and models are loaded: 200, else 503."""
-        if not state["ready"]:
+        if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "faces": len(state["searcher"].gallery)})
+        return JSONResponse({"status": "ready", "faces": len(state.searcher().gallery)})
 
-    @app.post("/v1/search", dependencies=[Depends(authorise)], tags=["search"])
+
+def add_search_routes(app, state: ServiceState, settings: ServiceSettings, auth: list) -> None:  # noqa: ANN001
+    """``/v1/search`` (an image) and ``/v1/search/vector`` (embeddings), with their limits."""
+    from fastapi import File, Form, HTTPException, Request, UploadFile
+    from pydantic import BaseModel, Field
+
+    def check_k(k: int) -> None:
+        if not 1 <= k <= settings.max_k:
+            raise HTTPException(422, f"k must be between 1 and {settings.max_k}, got {k}")
+
+    @app.post("/v1/search", dependencies=auth, tags=["search"])
     async def search(
         request: Request,
         image: UploadFile = File(..., description="The query image (JPEG, PNG, ...)."),
@@ -153,14 +235,14 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
         data = await image.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, f"image is over the upload limit of {settings.max_upload_bytes} bytes")
-        s = searcher()
+        s = state.searcher()
         try:
-            pixels = await run(load_image_bytes, data, settings.max_pixels)
+            pixels = await state.run(load_image_bytes, data, settings.max_pixels)
         except ImageTooLargeError as err:
             raise HTTPException(413, err.reason) from err
         except ImageLoadError as err:
             raise HTTPException(422, f"cannot read the image: {err.reason}") from err
-        results = await run(s.search, pixels, k)
+        results = await state.run(s.search, pixels, k)
         faces = []
         for r in results:
             face = r.to_dict()
@@ -175,44 +257,51 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
         k: int = 8
         threshold: float | None = None
 
-    @app.post("/v1/search/vector", dependencies=[Depends(authorise)], tags=["search"])
+    @app.post("/v1/search/vector", dependencies=auth, tags=["search"])
     async def search_vector(query: VectorQuery) -> dict[str, Any]:
         """The k nearest gallery faces of each embedding."""
         check_k(query.k)
-        s = searcher()
+        s = state.searcher()
         if len(query.vectors) > 1000:
             raise HTTPException(413, "at most 1000 vectors per request")
         try:
-            results = await run(s.search_vectors, np.asarray(query.vectors, dtype=np.float32)
-                                if query.vectors else np.zeros((0, s.gallery.dim), np.float32), query.k)
+            results = await state.run(s.search_vectors, np.asarray(query.vectors, dtype=np.float32)
+                                      if query.vectors else np.zeros((0, s.gallery.dim), np.float32), query.k)
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
         return {"results": [_matches(r, query.threshold) for r in results]}
 
-    @app.get("/v1/faces/{face_id}", dependencies=[Depends(authorise)], tags=["faces"])
+
+def add_face_routes(app, state: ServiceState, auth: list) -> None:  # noqa: ANN001
+    """``/v1/faces/{id}`` (metadata) and its thumbnail; an unknown id is a NotFoundError (404)."""
+    from fastapi import HTTPException
+    from fastapi.responses import Response
+
+    def no_face(face_id: int, s: Searcher) -> NotFoundError:
+        return NotFoundError(f"no face {face_id} in this gallery of {len(s.gallery)}")
+
+    @app.get("/v1/faces/{face_id}", dependencies=auth, tags=["faces"])
     async def face(face_id: int) -> dict[str, Any]:
         """A gallery face's metadata."""
-        s = searcher()
+        s = state.searcher()
         try:
             return s.gallery.row(face_id)
         except KeyError as err:
-            raise HTTPException(404, f"no face {face_id} in this gallery of {len(s.gallery)}") from err
+            raise no_face(face_id, s) from err
 
-    @app.get("/v1/faces/{face_id}/thumbnail", dependencies=[Depends(authorise)], tags=["faces"],
+    @app.get("/v1/faces/{face_id}/thumbnail", dependencies=auth, tags=["faces"],
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     async def thumbnail(face_id: int, size: int = 112) -> Response:
         """A square JPEG of the face, read from the gallery's dataset."""
-        s = searcher()
+        s = state.searcher()
         if not 16 <= size <= 512:
             raise HTTPException(422, f"size must be between 16 and 512, got {size}")
         if not 0 <= face_id < len(s.gallery):
-            raise HTTPException(404, f"no face {face_id} in this gallery of {len(s.gallery)}")
-        crop = await run(state["thumbs"].crop, face_id, size)
+            raise no_face(face_id, s)
+        crop = await state.run(state.thumbnails.crop, face_id, size)
         if crop is None:
-            raise HTTPException(404, f"the image of face {face_id} is not readable at the gallery's dataset root")
+            raise NotFoundError(f"the image of face {face_id} is not readable at the gallery's dataset root")
         return Response(encode_jpeg(crop), media_type="image/jpeg")
-
-    return app
 
 
 def _swagger_assets():  # noqa: ANN202

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 
 from data.readers import read_celeba
+from facesearch.errors import BackendError, ConfigurationError, FaceSearchError, GalleryError, ImageError, NotFoundError
 from search import Gallery
+from search.service import ServiceSettings, add_error_handler, create_app
 from tests.conftest import CELEBA, PHOTOS, REPO
 
-pytestmark = pytest.mark.needs_data
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -75,6 +76,59 @@ def _search(base, data: bytes, **form):
                       data={k: str(v) for k, v in form.items()}, headers=AUTH, timeout=60)
 
 
+@pytest.mark.parametrize(("error", "status"), [
+    (FaceSearchError("a request facesearch cannot answer"), 400),
+    (ConfigurationError("k and max_k disagree"), 422),
+    (ImageError("truncated JPEG"), 422),
+    (GalleryError("gallery/ has no index.faiss: run face-index build gallery/"), 409),
+    (BackendError("the dlib weights are missing"), 503),
+    (NotFoundError("no face 9 in this gallery of 3"), 404),
+])
+def test_error_handler_answers_domain_errors(error, status):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    add_error_handler(app)
+
+    @app.get("/domain")
+    async def domain() -> None:
+        raise error
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("not a domain error")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.get("/domain")
+    assert r.status_code == status
+    assert r.json() == {"detail": error.args[0]}  # the one-line message as written (a KeyError would quote it)
+    assert client.get("/bug").status_code == 500  # only the FaceSearchError family is mapped
+
+
+def test_app_before_the_gallery_is_loaded(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("FACESEARCH_API_TOKEN", TOKEN)
+    app = create_app(ServiceSettings(gallery="never-loaded"))
+    client = TestClient(app)  # not entered as a context, so the lifespan (which loads the gallery) never runs
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/v1/faces/0").status_code == 401  # the token came from the environment
+    loading = client.get("/v1/faces/0", headers=AUTH)
+    assert loading.status_code == 503 and loading.json() == {"detail": "the gallery is still loading"}
+    assert client.post("/v1/search/vector", json={"vectors": [], "k": 0}, headers=AUTH).status_code == 422  # k first
+
+
+def test_settings_resolve_defaults_when_used(monkeypatch):
+    monkeypatch.setenv("FACESEARCH_API_TOKEN", "from-env")
+    settings = ServiceSettings(gallery="g")
+    assert settings.concurrency is None and settings.search_slots() == max(1, os.cpu_count() or 1)
+    assert ServiceSettings(gallery="g", concurrency=3).search_slots() == 3
+    assert settings.api_token() == "from-env" and ServiceSettings(gallery="g", token="").api_token() == ""
+
+
+@pytest.mark.needs_data
 def test_health_docs_and_auth(server):
     base, _ = server
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
@@ -92,6 +146,7 @@ def test_health_docs_and_auth(server):
     assert wrong.status_code == 401
 
 
+@pytest.mark.needs_data
 def test_search_finds_the_person(server, celeba_gallery):
     base, _ = server
     hits = 0
@@ -115,6 +170,7 @@ def test_search_finds_the_person(server, celeba_gallery):
     assert len(group) == 3 and [f["face_index"] for f in group] == [0, 1, 2]
 
 
+@pytest.mark.needs_data
 def test_vector_face_and_thumbnail(server, celeba_gallery):
     base, _ = server
     gallery = Gallery.load(celeba_gallery[0])
@@ -125,7 +181,9 @@ def test_vector_face_and_thumbnail(server, celeba_gallery):
     assert top["face_id"] == 7 and top["cosine"] == pytest.approx(1.0, abs=1e-5)
     meta = httpx.get(f"{base}/v1/faces/7", headers=AUTH).json()
     assert meta["face_id"] == 7 and meta["path"] == gallery.row(7)["path"]
-    assert httpx.get(f"{base}/v1/faces/999999", headers=AUTH).status_code == 404
+    missing = httpx.get(f"{base}/v1/faces/999999", headers=AUTH)  # a NotFoundError, answered by the handler
+    assert missing.status_code == 404 and missing.json() == {"detail": f"no face 999999 in this gallery of {len(gallery)}"}
+    assert httpx.get(f"{base}/v1/faces/999999/thumbnail", headers=AUTH).json() == missing.json()
     thumb = httpx.get(f"{base}/v1/faces/7/thumbnail?size=96", headers=AUTH)
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_COLOR).shape == (96, 96, 3)
@@ -133,6 +191,7 @@ def test_vector_face_and_thumbnail(server, celeba_gallery):
     assert bad.status_code == 422 and "128" in bad.text
 
 
+@pytest.mark.needs_data
 def test_limits_and_bad_uploads(server):
     base, _ = server
     data = (PHOTOS / "group1.jpg").read_bytes()
@@ -153,6 +212,7 @@ def test_limits_and_bad_uploads(server):
     assert missing.status_code == 422
 
 
+@pytest.mark.needs_data
 def test_twenty_concurrent_clients(server, celeba_gallery):
     base, log_path = server
     queries = [d for d, _ in _unseen_queries(celeba_gallery[0], n=10)]
