@@ -22,7 +22,8 @@ import numpy as np
 
 from data.images import ImageLoadError, load_image_bytes
 from search.calibration import VERDICT_BGR, Calibration, verdict_label
-from search.html import GalleryThumbnails, encode_jpeg, face_crop
+from search.html import encode_jpeg, face_crop
+from search.live import LiveSearch
 from search.searcher import FaceResult, Match, Searcher
 
 log = logging.getLogger("facesearch.bot")
@@ -48,6 +49,7 @@ class BotSettings:
     k: int = 8
     concurrency: int = 2  # searches at once
     api_server: str | None = None  # a Bot API server other than api.telegram.org (tests, self-hosted)
+    reload_interval: float = 1.0  # seconds between checks for a gallery changed by another process
 
 
 class RateLimiter:
@@ -119,25 +121,26 @@ class FaceBot:
     def __init__(self, searcher: Searcher, settings: BotSettings) -> None:
         self.searcher = searcher
         self.settings = settings
-        self.thumbs = GalleryThumbnails(searcher.gallery)
+        self.live = LiveSearch(searcher)  # follows changes made by other processes (watch() starts it)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)
         self._slots = asyncio.Semaphore(settings.concurrency)
 
     def help_text(self) -> str:
-        calibration = self.searcher.gallery.calibration
+        calibration = self.live.snapshot().gallery.calibration
         note = f" (thresholds {calibration.threshold:.3f} / {calibration.uncertain_threshold:.3f})" if calibration else \
             "; this gallery is not calibrated yet, so all are grey"
-        return HELP.format(k=self.settings.k, faces=len(self.searcher.gallery), calibrated=note)
+        return HELP.format(k=self.settings.k, faces=len(self.live.snapshot().gallery), calibrated=note)
 
     def answer(self, data: bytes) -> list[tuple[bytes, str]]:
         """(JPEG, caption) per face shown; [] when no face. Raises ImageLoadError."""
         image = load_image_bytes(data, self.settings.max_pixels)
-        results = self.searcher.search(image, k=self.settings.k)
+        snap = self.live.snapshot()  # one generation for the whole answer
+        results = self.searcher.search(image, k=self.settings.k, gallery=snap.gallery)
         shown = results[: self.settings.max_faces]
-        calibration = self.searcher.gallery.calibration
+        calibration = snap.gallery.calibration
         replies = []
         for i, result in enumerate(shown):
-            crops = [self.thumbs.crop(m.face_id) for m in result.matches]
+            crops = [snap.thumbnails.crop(m.face_id) for m in result.matches]
             title = f"face {i + 1} of {len(results)}: the {len(result.matches)} most similar gallery faces"
             picture = render_reply(face_crop(image, result.face.detection.box, 224), result.matches, crops, title)
             replies.append((encode_jpeg(picture, 88), reply_caption(result, i, len(results), len(shown), calibration)))
@@ -248,6 +251,7 @@ async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None =
     searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
     await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
     face_bot = FaceBot(searcher, settings)
+    face_bot.live.watch(settings.reload_interval)
     dispatcher = build_dispatcher(face_bot)
     bot = make_bot(token, settings.api_server)
     log.info("bot ready: %d gallery faces, allowlist %s", len(searcher.gallery),
@@ -255,4 +259,5 @@ async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None =
     try:
         await dispatcher.start_polling(bot, handle_signals=False)
     finally:
+        face_bot.live.stop()
         await bot.session.close()

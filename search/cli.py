@@ -158,11 +158,15 @@ def audit(gallery_dir: str, out: str | None, duplicate_threshold: float, limit: 
               help="Largest image accepted, in pixels (checked before decoding).")
 @click.option("--max-k", type=click.IntRange(1, 1000), default=100, show_default=True, help="Largest k a request may ask for.")
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="Searches at once [default: core count].")
+@click.option("--read-only", is_flag=True, help="No enrolment or deletion routes, even with a token.")
 def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixels: int, max_k: int,
-          concurrency: int | None) -> None:
+          concurrency: int | None, read_only: bool) -> None:
     """Serve the gallery over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs.
 
     Set FACESEARCH_API_TOKEN to require "Authorization: Bearer <token>" on /v1.
+    With a token, POST /v1/faces enrolls and DELETE /v1/faces/ID and
+    /v1/identities/NAME remove (unless --read-only); without one there are no
+    write routes. Changes made by any process show up without a restart.
 
     Example:
 
@@ -174,7 +178,7 @@ def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixe
     except ImportError as err:
         raise click.ClickException(f"the service needs FastAPI and uvicorn: pip install 'facesearch[serve]' ({err})") from err
     settings = ServiceSettings(gallery=gallery_dir, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
-                               max_k=max_k, **({"concurrency": concurrency} if concurrency else {}))
+                               max_k=max_k, concurrency=concurrency, read_only=read_only)
     Gallery.load(gallery_dir)  # fail here, with a clean message, rather than inside uvicorn's start-up
     run_service(settings, host=host, port=port)
 

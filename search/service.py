@@ -31,7 +31,9 @@ import numpy as np
 
 from data.images import ImageLoadError, ImageTooLargeError, load_image_bytes
 from facesearch.errors import FaceSearchError, NotFoundError
-from search.html import GalleryThumbnails, encode_jpeg
+from search.gallery import Gallery
+from search.html import encode_jpeg
+from search.live import LiveSearch, Snapshot
 from search.searcher import Searcher
 
 log = logging.getLogger("facesearch.service")
@@ -48,6 +50,8 @@ class ServiceSettings:
     max_k: int = 100  # k outside 1..max_k: 422
     concurrency: int | None = None  # searches running at once; None: the core count (more threads gain nothing)
     token: str | None = None  # None: read TOKEN_ENV; empty: no authentication
+    read_only: bool = False  # True: no write routes even with a token (without a token there are none anyway)
+    reload_interval: float = 1.0  # seconds between checks for a gallery changed by another process
 
     def search_slots(self) -> int:
         """``concurrency``, or the core count of this machine when it is None."""
@@ -56,6 +60,10 @@ class ServiceSettings:
     def api_token(self) -> str:
         """The bearer token the ``/v1`` routes need; empty: none."""
         return self.token if self.token is not None else os.environ.get(TOKEN_ENV, "")
+
+    def writes_enabled(self) -> bool:
+        """Enrolment and deletion are served only behind a token, and not when ``read_only``."""
+        return bool(self.api_token()) and not self.read_only
 
 
 class NotReadyError(FaceSearchError):
@@ -70,23 +78,37 @@ class ServiceState:
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
         self.ready = False
-        self._searcher: Searcher | None = None
-        self.thumbnails: GalleryThumbnails | None = None
+        self._live: LiveSearch | None = None
         self._slots = asyncio.Semaphore(concurrency)
+        self.writer = asyncio.Lock()  # one change at a time from this process (the gallery's lock covers others)
 
-    async def load(self, gallery: str) -> Searcher:
-        """Open the gallery and warm the models up (detector, landmarks, embedder), off the event loop."""
+    async def load(self, gallery: str, reload_interval: float) -> Searcher:
+        """Open the gallery and warm the models up (detector, landmarks, embedder), off the event loop;
+        then follow the gallery's changes every ``reload_interval`` seconds."""
         searcher = await asyncio.to_thread(Searcher, gallery)
         await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)
-        self._searcher, self.thumbnails = searcher, GalleryThumbnails(searcher.gallery)
+        self._live = LiveSearch(searcher)
+        self._live.watch(reload_interval)
         self.ready = True
         return searcher
 
-    def searcher(self) -> Searcher:
-        """The loaded searcher; NotReadyError (503) while the gallery is loading."""
-        if not self.ready or self._searcher is None:
+    def close(self) -> None:
+        self.ready = False
+        if self._live is not None:
+            self._live.stop()
+
+    def live(self) -> LiveSearch:
+        """The loaded gallery; NotReadyError (503) while it is loading."""
+        if not self.ready or self._live is None:
             raise NotReadyError("the gallery is still loading")
-        return self._searcher
+        return self._live
+
+    def searcher(self) -> Searcher:
+        return self.live().searcher
+
+    def snapshot(self) -> Snapshot:
+        """The current generation: answer a whole request from it."""
+        return self.live().snapshot()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, once one of the ``concurrency`` slots is free."""
@@ -118,6 +140,8 @@ def create_app(settings: ServiceSettings):  # noqa: ANN201 - FastAPI is an optio
     add_health_routes(app, state)
     add_search_routes(app, state, settings, auth)
     add_face_routes(app, state, auth)
+    if settings.writes_enabled():
+        add_write_routes(app, state, settings, auth)
     return app
 
 
@@ -127,11 +151,12 @@ def _lifespan(settings: ServiceSettings, state: ServiceState, authenticated: boo
     @asynccontextmanager
     async def lifespan(app):  # noqa: ANN001, ANN202
         start = time.perf_counter()
-        searcher = await state.load(settings.gallery)
+        searcher = await state.load(settings.gallery, settings.reload_interval)
         log.info(json.dumps({"event": "ready", "gallery": settings.gallery, "faces": len(searcher.gallery),
-                             "seconds": round(time.perf_counter() - start, 2), "auth": authenticated}))
+                             "generation": searcher.gallery.generation, "seconds": round(time.perf_counter() - start, 2),
+                             "auth": authenticated, "writes": settings.writes_enabled()}))
         yield
-        state.ready = False
+        state.close()
 
     return lifespan
 
@@ -208,7 +233,8 @@ def add_health_routes(app, state: ServiceState) -> None:  # noqa: ANN001
         """The gallery and models are loaded: 200, else 503."""
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "faces": len(state.searcher().gallery)})
+        snap = state.snapshot()
+        return JSONResponse({"status": "ready", "faces": len(snap.gallery), "generation": snap.generation})
 
 
 def add_search_routes(app, state: ServiceState, settings: ServiceSettings, auth: list) -> None:  # noqa: ANN001
@@ -235,22 +261,17 @@ def add_search_routes(app, state: ServiceState, settings: ServiceSettings, auth:
         data = await image.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, f"image is over the upload limit of {settings.max_upload_bytes} bytes")
-        s = state.searcher()
-        try:
-            pixels = await state.run(load_image_bytes, data, settings.max_pixels)
-        except ImageTooLargeError as err:
-            raise HTTPException(413, err.reason) from err
-        except ImageLoadError as err:
-            raise HTTPException(422, f"cannot read the image: {err.reason}") from err
-        results = await state.run(s.search, pixels, k)
+        s, snap = state.searcher(), state.snapshot()
+        pixels = await _decode(state, data, settings.max_pixels)
+        results = await state.run(s.search, pixels, k, snap.gallery)
         faces = []
         for r in results:
             face = r.to_dict()
             face["matches"] = _matches(r.matches, threshold)
             faces.append(face)
-        calibration = s.gallery.calibration
+        calibration = snap.gallery.calibration
         return {"faces": faces, "image": {"width": int(pixels.shape[1]), "height": int(pixels.shape[0])},
-                "calibration": calibration.to_dict() if calibration else None}
+                "calibration": calibration.to_dict() if calibration else None, "generation": snap.generation}
 
     class VectorQuery(BaseModel):
         vectors: list[list[float]] = Field(..., description="Embeddings, one per row (normalised by the service).")
@@ -261,15 +282,16 @@ def add_search_routes(app, state: ServiceState, settings: ServiceSettings, auth:
     async def search_vector(query: VectorQuery) -> dict[str, Any]:
         """The k nearest gallery faces of each embedding."""
         check_k(query.k)
-        s = state.searcher()
+        s, snap = state.searcher(), state.snapshot()
         if len(query.vectors) > 1000:
             raise HTTPException(413, "at most 1000 vectors per request")
         try:
             results = await state.run(s.search_vectors, np.asarray(query.vectors, dtype=np.float32)
-                                      if query.vectors else np.zeros((0, s.gallery.dim), np.float32), query.k)
+                                      if query.vectors else np.zeros((0, snap.gallery.dim), np.float32), query.k,
+                                      snap.gallery)
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
-        return {"results": [_matches(r, query.threshold) for r in results]}
+        return {"results": [_matches(r, query.threshold) for r in results], "generation": snap.generation}
 
 
 def add_face_routes(app, state: ServiceState, auth: list) -> None:  # noqa: ANN001
@@ -277,31 +299,90 @@ def add_face_routes(app, state: ServiceState, auth: list) -> None:  # noqa: ANN0
     from fastapi import HTTPException
     from fastapi.responses import Response
 
-    def no_face(face_id: int, s: Searcher) -> NotFoundError:
-        return NotFoundError(f"no face {face_id} in this gallery of {len(s.gallery)}")
+    def no_face(face_id: int, gallery: Gallery) -> NotFoundError:
+        return NotFoundError(f"no face {face_id} in this gallery of {len(gallery)}")
 
     @app.get("/v1/faces/{face_id}", dependencies=auth, tags=["faces"])
     async def face(face_id: int) -> dict[str, Any]:
         """A gallery face's metadata."""
-        s = state.searcher()
-        try:
-            return s.gallery.row(face_id)
-        except KeyError as err:
-            raise no_face(face_id, s) from err
+        gallery = state.snapshot().gallery
+        if not gallery.has(face_id):
+            raise no_face(face_id, gallery)
+        return gallery.row(face_id)
 
     @app.get("/v1/faces/{face_id}/thumbnail", dependencies=auth, tags=["faces"],
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     async def thumbnail(face_id: int, size: int = 112) -> Response:
         """A square JPEG of the face, read from the gallery's dataset."""
-        s = state.searcher()
+        snap = state.snapshot()
         if not 16 <= size <= 512:
             raise HTTPException(422, f"size must be between 16 and 512, got {size}")
-        if not 0 <= face_id < len(s.gallery):
-            raise no_face(face_id, s)
-        crop = await state.run(state.thumbnails.crop, face_id, size)
+        if not snap.gallery.has(face_id):
+            raise no_face(face_id, snap.gallery)
+        crop = await state.run(snap.thumbnails.crop, face_id, size)
         if crop is None:
             raise NotFoundError(f"the image of face {face_id} is not readable at the gallery's dataset root")
         return Response(encode_jpeg(crop), media_type="image/jpeg")
+
+
+async def _decode(state: ServiceState, data: bytes, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> RGB pixels in a worker thread: 413 over the pixel limit, 422 if unreadable."""
+    from fastapi import HTTPException
+
+    try:
+        return await state.run(load_image_bytes, data, max_pixels)
+    except ImageTooLargeError as err:
+        raise HTTPException(413, err.reason) from err
+    except ImageLoadError as err:
+        raise HTTPException(422, f"cannot read the image: {err.reason}") from err
+
+
+def add_write_routes(app, state: ServiceState, settings: ServiceSettings, auth: list) -> None:  # noqa: ANN001
+    """Enrolment and deletion (only behind a token): each is one committed change of the gallery,
+    visible to every reader (this service, others, the bot) at once as a new generation."""
+    from fastapi import File, Form, HTTPException, Request, UploadFile
+
+    from indexer.lifecycle import enroll_image, remove_faces
+
+    async def change(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        async with state.writer:
+            result = await asyncio.to_thread(lambda: fn(*args, **kwargs))
+        await asyncio.to_thread(state.live().refresh)  # answer later requests from the new generation
+        return result
+
+    @app.post("/v1/faces", dependencies=auth, tags=["changes"], status_code=201)
+    async def enroll(
+        request: Request,
+        image: UploadFile = File(..., description="A photo of the person (every face in it is enrolled)."),
+        identity: str = Form(..., min_length=1, max_length=256, description="Who it is."),
+    ) -> dict[str, Any]:
+        """Enroll the faces of a photo under ``identity``; returns the new face ids."""
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > settings.max_upload_bytes + 64 * 1024:
+            raise HTTPException(413, f"upload of {declared} bytes is over the limit of {settings.max_upload_bytes}")
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"image is over the upload limit of {settings.max_upload_bytes} bytes")
+        await _decode(state, data, settings.max_pixels)
+        result = await change(enroll_image, settings.gallery, data, identity.strip(),
+                              pipeline=state.searcher().pipeline, max_pixels=settings.max_pixels)
+        if result.duplicates:
+            raise HTTPException(409, "this image is already in the gallery")
+        if not result.faces_added:
+            raise HTTPException(422, "no face found in the image")
+        return {"face_ids": list(result.added_face_ids), "identity": identity.strip(), "generation": result.generation}
+
+    @app.delete("/v1/faces/{face_id}", dependencies=auth, tags=["changes"])
+    async def delete_face(face_id: int) -> dict[str, Any]:
+        """Remove one face for good (its vector, its row, pages derived from it)."""
+        _, result = await change(remove_faces, settings.gallery, face_ids=[face_id])
+        return {"removed": result.faces_removed, "generation": result.generation}
+
+    @app.delete("/v1/identities/{identity}", dependencies=auth, tags=["changes"])
+    async def delete_identity(identity: str) -> dict[str, Any]:
+        """Remove every face and record of an identity (an erasure request)."""
+        _, result = await change(remove_faces, settings.gallery, identities=[identity])
+        return {"removed": result.faces_removed, "generation": result.generation}
 
 
 def _swagger_assets():  # noqa: ANN202
