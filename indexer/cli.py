@@ -11,8 +11,7 @@ from data.images import DEFAULT_MAX_PIXELS
 from data.readers import FORMATS, SPLIT_CHOICES
 from embedder.pipeline import PipelineConfig
 from embedder.runtime import configure_process
-from facesearch.cli import ErrorHandlingGroup
-from facesearch.logs import setup_logging
+from facesearch.cli import tool_group
 from indexer.build import INDEX_TYPES, build_gallery
 from indexer.config import RunConfig
 from indexer.layout import GalleryLayout
@@ -21,18 +20,14 @@ from indexer.runner import run_index
 log = logging.getLogger("face-index")
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+@tool_group(configure_process)
+def main() -> None:
     """Index face datasets into searchable galleries.
 
     Example:
 
         face-index run ~/data/celeba --format celeba --out gallery/
     """
-    setup_logging(verbose, quiet)
-    configure_process()
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:

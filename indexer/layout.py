@@ -282,6 +282,16 @@ class GalleryInfo:
 
 # --- the directory -----------------------------------------------------------------
 
+class _Under:
+    """A path below a GalleryLayout's root, named once: ``layout.run_file`` is ``root / "run.json"``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout: "GalleryLayout | None", owner: type | None = None) -> Any:
+        return self if layout is None else layout.root / self.name
+
+
 @dataclass(frozen=True)
 class GalleryLayout:
     """Paths of one gallery directory. Pure: nothing here reads or writes."""
@@ -291,41 +301,15 @@ class GalleryLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def run_file(self) -> Path:
-        return self.root / RUN_FILE
-
-    @property
-    def info_file(self) -> Path:
-        return self.root / GALLERY_FILE
-
-    @property
-    def manifest_dir(self) -> Path:
-        return self.root / MANIFEST_DIR
-
-    @property
-    def failures_dir(self) -> Path:
-        return self.root / FAILURES_DIR
-
-    @property
-    def enrolled_dir(self) -> Path:
-        return self.root / ENROLLED_DIR
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / EVAL_DIR
-
-    @property
-    def audit_file(self) -> Path:
-        return self.root / AUDIT_FILE
-
-    @property
-    def changes_log(self) -> Path:
-        return self.root / CHANGES_LOG
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / LOCK_FILE
+    run_file = _Under(RUN_FILE)
+    info_file = _Under(GALLERY_FILE)
+    manifest_dir = _Under(MANIFEST_DIR)
+    failures_dir = _Under(FAILURES_DIR)
+    enrolled_dir = _Under(ENROLLED_DIR)
+    eval_dir = _Under(EVAL_DIR)
+    audit_file = _Under(AUDIT_FILE)
+    changes_log = _Under(CHANGES_LOG)
+    lock_file = _Under(LOCK_FILE)
 
     def partition_file(self, folder: str, name: str) -> Path:
         return self.root / folder / f"{name}.parquet"

@@ -10,27 +10,21 @@ import click
 
 from data.images import ImageLoadError, load_image
 from embedder.runtime import configure_process
-from facesearch.cli import ErrorHandlingGroup
-from facesearch.logs import setup_logging
+from facesearch.cli import tool_group
 from search.gallery import Gallery
 from search.searcher import Searcher, configure_faiss
 
 log = logging.getLogger("face-search")
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+@tool_group(configure_faiss, configure_process)
+def main() -> None:
     """Search galleries for similar faces.
 
     Example:
 
         face-search query me.jpg --gallery gallery/ -k 8
     """
-    setup_logging(verbose, quiet)
-    configure_faiss()
-    configure_process()
 
 
 @main.command()

@@ -306,3 +306,44 @@ def test_remove_unknown_and_dry_run_change_nothing(lfw):
     dry = _run("remove", str(gallery), "--identity", "Vladimir_Putin", "--dry-run")
     assert "would remove 6 faces" in dry or "would remove" in dry
     assert state(gallery) == before
+
+
+def _downgrade_to_format_1(gallery: Path) -> None:
+    """Rewrite a fresh gallery as facesearch wrote them before lifecycle changes (format 1):
+    no file list, index.faiss with row ids, parts without content_hash and kind."""
+    import faiss
+
+    layout = GalleryLayout(gallery)
+    info = json.loads(layout.info_file.read_text())
+    for folder in ("manifest", "failures"):
+        for part in (gallery / folder).glob("*.parquet"):
+            table = pq.read_table(part)
+            pq.write_table(table.drop_columns([c for c in ("content_hash", "kind") if c in table.column_names]), part)
+    vectors = Gallery.load(gallery).embeddings()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    faiss.write_index(flat, str(gallery / "index.faiss"))
+    (gallery / info["index"]["file"]).unlink()
+    for key in ("manifest", "failures", "generation", "next_face_id", "updated"):
+        info.pop(key, None)
+    info["format_version"] = 1
+    info["index"] = {"type": "flat", "faiss_metric": "inner_product", "ntotal": int(flat.ntotal)}
+    (gallery / "pipeline.json").unlink()
+    layout.info_file.write_text(json.dumps(info))
+
+
+def test_format_1_galleries_open_search_and_change(lfw):
+    dataset, gallery = lfw
+    queries = Gallery.load(gallery).embeddings()[:20]
+    want = [[(m.face_id, round(m.cosine, 5)) for m in r] for r in Searcher(str(gallery)).search_vectors(queries, k=5)]
+    _downgrade_to_format_1(gallery)
+    old = Gallery.load(gallery)
+    assert old.info.format_version == 1 and old.info.manifest is None
+    assert [[(m.face_id, round(m.cosine, 5)) for m in r] for r in Searcher(old).search_vectors(queries, k=5)] == want
+    _run("remove", str(gallery), "--identity", "Vladimir_Putin")  # the first change writes format 2
+    new = Gallery.load(gallery)
+    assert new.info.format_version == 2 and not (gallery / "index.faiss").exists()
+    assert "Vladimir_Putin" not in set(new.meta.column("identity").to_pylist())
+    kept = [[(i, c) for i, c in row if new.has(i)] for row in want]
+    got = [[(m.face_id, round(m.cosine, 5)) for m in r] for r in Searcher(new).search_vectors(queries, k=5)]
+    assert all(g[: len(k)] == k for g, k in zip(got, kept))

@@ -66,4 +66,5 @@ def test_watch_bad_source(celeba_gallery, tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video")
     result = CliRunner().invoke(search_cli, ["watch", str(junk), "--gallery", str(celeba_gallery[0]), "--no-window"])
-    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, repr(result.exception)
+    assert result.output.startswith("Error:") or "\nError:" in result.output

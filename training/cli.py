@@ -9,11 +9,21 @@ from pathlib import Path
 import click
 
 from embedder.runtime import configure_process
-from facesearch.cli import ErrorHandlingGroup
-from facesearch.logs import setup_logging
+from facesearch.cli import tool_group
 
 log = logging.getLogger("face-train")
 FORMATS = ["celeba", "lfw", "folders", "folder"]
+
+
+def _run_options(outputs: str):  # noqa: ANN202
+    """LABELS, --out and --arch of the timm trainers."""
+
+    def decorate(f):  # noqa: ANN001, ANN202
+        f = click.option("--arch", default="resnet18", show_default=True, help="timm architecture.")(f)
+        f = click.option("--out", required=True, type=click.Path(file_okay=False), help=f"Run directory ({outputs}).")(f)
+        return click.argument("labels", type=click.Path(exists=True, file_okay=False))(f)
+
+    return decorate
 
 
 def _init_options(f):  # noqa: ANN001, ANN202
@@ -25,10 +35,14 @@ def _init_options(f):  # noqa: ANN001, ANN202
     return f
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+def _offline_training() -> None:
+    """albumentations checks for updates and ultralytics goes online unless told not to."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+@tool_group(configure_process, _offline_training)
+def main() -> None:
     """Train facesearch's own models on your data (CelebA first).
 
     Example:
@@ -36,10 +50,6 @@ def main(verbose: int, quiet: bool) -> None:
         face-train label ../shared/data/lfw --format lfw --out labels/lfw
         face-train embedder labels/lfw --out runs/embedder --epochs 20
     """
-    setup_logging(verbose, quiet)
-    configure_process()
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 @main.command()
@@ -110,9 +120,7 @@ def detector(source: str, fmt: str, out: str, model: str, epochs: int, imgsz: in
 
 
 @main.command()
-@click.argument("labels", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (landmarks.pt, history, plot).")
-@click.option("--arch", default="resnet18", show_default=True, help="timm architecture.")
+@_run_options("landmarks.pt, history, plot")
 @click.option("--size", type=click.IntRange(32), default=112, show_default=True, help="Crop side in pixels.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch", type=click.IntRange(2), default=64, show_default=True)
@@ -138,9 +146,7 @@ def landmarks(labels: str, out: str, arch: str, size: int, epochs: int, batch: i
 
 
 @main.command()
-@click.argument("labels", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (embedder.pt, last.pt, history, plot).")
-@click.option("--arch", default="resnet18", show_default=True, help="timm architecture.")
+@_run_options("embedder.pt, last.pt, history, plot")
 @click.option("--dim", type=click.IntRange(8), default=128, show_default=True, help="Embedding size.")
 @click.option("--size", type=click.IntRange(32), default=112, show_default=True, help="Aligned crop side (ArcFace template, scaled).")
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
