@@ -28,8 +28,9 @@ from data.records import DatasetListing
 from facesearch.errors import ConfigurationError, GalleryError
 from indexer.config import RunConfig
 from indexer.layout import (
-    FAILURES_DIR, FORMAT_VERSION, LEGACY_INDEX_FILE, MANIFEST_DIR, PIPELINE_FILE, GalleryInfo, GalleryLayout, embeddings_of,
-    failure_kinds, read_json, write_bytes_atomic, write_json_atomic, write_table_atomic,
+    FAILURES_DIR, FORMAT_VERSION, LEGACY_INDEX_FILE, MANIFEST_DIR, PIPELINE_FILE, GalleryCorruptError, GalleryInfo,
+    GalleryLayout, embeddings_of, failure_kinds, file_checksum, read_json, read_verified, write_bytes_atomic,
+    write_json_atomic, write_table_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,14 @@ def apply_index_settings(index: Any, settings: dict[str, Any]) -> None:
         faiss.extract_index_ivf(inner).nprobe = int(settings["nprobe"])
 
 
-def write_index(layout: GalleryLayout, index: Any, generation: int) -> str:
-    """Write generation ``generation``'s index file; returns its name (relative to the gallery)."""
+def write_index(layout: GalleryLayout, index: Any, generation: int) -> tuple[str, str]:
+    """Write generation ``generation``'s index file; returns its name (relative to the gallery) and checksum."""
     import faiss
 
     name = f"index-{generation:06d}.faiss"
-    write_bytes_atomic(layout.root / name, lambda tmp: faiss.write_index(index, str(tmp)))
-    return name
+    data = faiss.serialize_index(index).tobytes()
+    write_bytes_atomic(layout.root / name, lambda tmp: tmp.write_bytes(data))
+    return name, file_checksum(data)
 
 
 @dataclass(frozen=True)
@@ -107,20 +109,23 @@ class ManifestScan:
     vectors: np.ndarray
     dim: int
     paths: frozenset[str]
+    checksums: dict[str, str]
 
 
-def scan_manifest(layout: GalleryLayout, files: Sequence[Path], renumber: bool = False) -> ManifestScan:
-    """Embeddings and face ids of ``files`` in order. ``renumber`` (only before a gallery's
-    first build, when no id has been handed out yet) makes face ids 0..N-1 over the parts."""
+def scan_manifest(layout: GalleryLayout, files: Sequence[Path], renumber: bool = False,
+                  previous: GalleryInfo | None = None) -> ManifestScan:
+    """Embeddings and face ids of ``files`` in order, each checked against ``previous``'s
+    checksums where it has one. ``renumber`` (only before a gallery's first build, when
+    no id has been handed out yet) makes face ids 0..N-1 over the parts."""
     chunks, ids = [], []
     offset = 0
     dim = None
     paths: set[str] = set()
+    checksums: dict[str, str] = {}
     for part in files:
+        data = read_verified(layout, previous, part)
         try:
-            table = pq.read_table(part, columns=["face_id", "path", "embedding"])
-        except FileNotFoundError:
-            raise
+            table = pq.read_table(pa.BufferReader(data), columns=["face_id", "path", "embedding"])
         except (OSError, pa.ArrowInvalid) as err:
             raise GalleryBuildError(f"{part} is unreadable: {err}; restore it, or remove it and run face-index sync") from err
         part_dim = table.schema.field("embedding").type.list_size
@@ -136,7 +141,9 @@ def scan_manifest(layout: GalleryLayout, files: Sequence[Path], renumber: bool =
                 full = pq.read_table(part)
                 full = full.set_column(full.schema.get_field_index("face_id"), full.schema.field("face_id"), pa.array(expected))
                 write_table_atomic(full, part)
+                data = part.read_bytes()
                 part_ids = expected
+        checksums[layout.relative(part)] = file_checksum(data)
         chunks.append(embeddings_of(table))
         ids.append(part_ids.astype(np.int64))
         paths.update(table.column("path").unique().to_pylist())
@@ -145,16 +152,31 @@ def scan_manifest(layout: GalleryLayout, files: Sequence[Path], renumber: bool =
     if len(face_ids) > 1 and not (np.diff(face_ids) > 0).all():
         raise GalleryBuildError(f"{layout.root}: face ids are not increasing over the manifest parts")
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim or 0), np.float32)
-    return ManifestScan(tuple(layout.relative(f) for f in files), face_ids, vectors, int(dim or 0), frozenset(paths))
+    return ManifestScan(tuple(layout.relative(f) for f in files), face_ids, vectors, int(dim or 0), frozenset(paths),
+                        checksums)
 
 
-def failure_counts(files: Sequence[Path]) -> dict[str, int]:
+def scan_failures(layout: GalleryLayout, files: Sequence[Path], previous: GalleryInfo | None) -> tuple[dict[str, int], dict[str, str]]:
+    """Failure counts by kind, and the checksums of ``files`` (checked against ``previous``'s)."""
     counts: dict[str, int] = {}
+    checksums: dict[str, str] = {}
     for part in files:
-        table = pq.read_table(part)
-        for kind in failure_kinds(table):
+        data = read_verified(layout, previous, part)
+        checksums[layout.relative(part)] = file_checksum(data)
+        for kind in failure_kinds(pq.read_table(pa.BufferReader(data))):
             counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return counts, checksums
+
+
+def unusable_files(layout: GalleryLayout, info: GalleryInfo) -> list[str]:
+    """Listed manifest and failure files that are missing or whose bytes changed."""
+    bad = []
+    for path in layout.manifest_files(info) + layout.failure_files(info):
+        try:
+            read_verified(layout, info, path)
+        except (FileNotFoundError, GalleryCorruptError):
+            bad.append(layout.relative(path))
+    return bad
 
 
 def gallery_counts(scan: ManifestScan, failures: dict[str, int], missing_from_dataset: int | None) -> dict[str, Any]:
@@ -227,25 +249,27 @@ def build_gallery(
     if listed:
         manifest = layout.manifest_files(previous)
         failures = layout.failure_files(previous)
-        missing = [layout.relative(p) for p in manifest + failures if not p.exists()]
+        missing = unusable_files(layout, previous)
     else:
         missing = [f"{MANIFEST_DIR}/{name}.parquet" for name in _missing_partitions(layout, config, listing)]
     if missing and not drop_missing:
         raise GalleryBuildError(
-            f"{layout.root}: {len(missing)} manifest file(s) missing ({', '.join(missing[:5])}"
+            f"{layout.root}: {len(missing)} manifest file(s) missing or corrupt ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}): their faces would be lost. Restore them, or rerun "
             "face-index run to recompute missing partitions, or face-index build --drop-missing and then "
             "face-index sync to re-add their images from the dataset"
         )
     if listed:
-        manifest = [p for p in manifest if p.exists()]
-        failures = [p for p in failures if p.exists()]
+        manifest = [p for p in manifest if layout.relative(p) not in missing]
+        failures = [p for p in failures if layout.relative(p) not in missing]
+        for name in missing:  # a corrupt file is dropped like a missing one
+            (layout.root / name).unlink(missing_ok=True)
     else:
         manifest = layout.part_files(MANIFEST_DIR)
         failures = layout.part_files(FAILURES_DIR)
     if not manifest:
         raise GalleryBuildError(f"{layout.root} has no manifest partitions: run face-index run first")
-    scan = scan_manifest(layout, manifest, renumber=not listed and not drop_missing)
+    scan = scan_manifest(layout, manifest, renumber=not listed and not drop_missing, previous=previous)
     info = assemble_info(layout, config, previous, scan, failures, index_type,
                          listing.missing if listing is not None else None)
     remove_unlisted(layout, info)
@@ -265,7 +289,8 @@ def assemble_info(
     pipeline = pipeline_description(layout, config, previous)
     generation = (previous.generation if previous is not None else 0) + 1
     index, settings = make_index(index_type, scan.vectors, scan.face_ids)
-    index_name = write_index(layout, index, generation)
+    index_name, index_checksum = write_index(layout, index, generation)
+    failure_count, failure_checksums = scan_failures(layout, failures, previous)
     next_id = int(scan.face_ids.max()) + 1 if len(scan.face_ids) else 0
     if previous is not None and previous.next_face_id is not None:
         next_id = max(next_id, previous.next_face_id)
@@ -287,10 +312,11 @@ def assemble_info(
         manifest=scan.files,
         failures=tuple(layout.relative(p) for p in failures),
         next_face_id=next_id,
-        counts=gallery_counts(scan, failure_counts(failures), missing_from_dataset),
+        counts=gallery_counts(scan, failure_count, missing_from_dataset),
         dataset={"root": config.dataset_root, "format": config.format, "split": config.split},
         run=config.to_dict(),
         calibration=calibration,
+        checksums={**scan.checksums, **failure_checksums, index_name: index_checksum},
         extra={k: v for k, v in (previous.extra if previous is not None else {}).items()},
     ).replace(**extra)
     if before_commit is not None:

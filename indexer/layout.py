@@ -27,6 +27,7 @@ parts found by glob) still opens; 2 lists its files and maps stable face ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -228,6 +229,7 @@ class GalleryInfo:
     dataset: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] | None = None
+    checksums: Mapping[str, str] = field(default_factory=dict)  # file (relative) -> "sha256:<hex>"; empty in format 1
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -353,6 +355,29 @@ class GalleryLayout:
                     tmp.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+class GalleryCorruptError(GalleryError):
+    """A gallery file whose bytes are not those its generation recorded."""
+
+
+def file_checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_verified(layout: "GalleryLayout", info: GalleryInfo | None, path: Path) -> bytes:
+    """A gallery file's bytes, checked against the checksum gallery.json records for it
+    (format-1 files have none). FileNotFoundError when it is gone; GalleryCorruptError
+    naming the file and the repair when its bytes changed."""
+    data = path.read_bytes()
+    name = layout.relative(path)
+    expected = info.checksums.get(name) if info is not None else None
+    if expected is not None and file_checksum(data) != expected:
+        repair = (f"face-index build {layout.root} rebuilds it from the manifest" if path.suffix == ".faiss" else
+                  f"restore it from a backup, or run face-index build --drop-missing {layout.root} "
+                  f"and then face-index sync {layout.root} to re-add its images")
+        raise GalleryCorruptError(f"{path} is corrupt (its checksum differs from the one in {GALLERY_FILE}): {repair}")
+    return data
 
 
 def row_count(path: Path) -> int:

@@ -44,7 +44,7 @@ from indexer.catalog import DatasetDiff, dataset_diff, gallery_images, is_extern
 from indexer.config import RunConfig
 from indexer.layout import (
     FAILURE_SCHEMA, FAILURES_DIR, MANIFEST_DIR, GalleryInfo, GalleryLayout, conform, manifest_schema, read_json,
-    write_bytes_atomic, write_table_atomic,
+    read_verified, write_bytes_atomic, write_table_atomic,
 )
 from indexer.lock import WriterLock
 from indexer.mapper import FaceMapper, FaceRow, Failure
@@ -142,7 +142,7 @@ class _Change:
 
 
 def _rewrite_parts(
-    layout: GalleryLayout, files: Sequence[str], schema: pa.Schema, folder: str, generation: int, change: _Change,
+    layout: GalleryLayout, info: GalleryInfo, files: Sequence[str], schema: pa.Schema, folder: str, change: _Change,
 ) -> tuple[list[str], int, set[str]]:
     """Parts without the dropped rows: untouched parts keep their files, others are rewritten
     under the new generation's names (empty ones disappear). Returns (files, rows dropped, paths dropped)."""
@@ -150,7 +150,7 @@ def _rewrite_parts(
     dropped = 0
     paths: set[str] = set()
     for n, name in enumerate(files):
-        table = pq.read_table(layout.root / name)
+        table = pq.read_table(pa.BufferReader(read_verified(layout, info, layout.root / name)))
         drop = pc.is_in(table.column("path"), pa.array(sorted(change.drop_paths), pa.string()))
         if "face_id" in table.column_names and change.drop_face_ids:
             by_id = pc.is_in(table.column("face_id"), pa.array(sorted(change.drop_face_ids), pa.int64()))
@@ -163,7 +163,7 @@ def _rewrite_parts(
         paths.update(table.filter(drop).column("path").to_pylist())
         kept = conform(table.filter(pc.invert(drop)), schema)
         if kept.num_rows:
-            new_name = f"{folder}/g{generation:06d}-r{n:05d}.parquet"
+            new_name = f"{folder}/g{info.generation + 1:06d}-r{n:05d}.parquet"
             write_table_atomic(kept, layout.root / new_name)
             out.append(new_name)
     return out, dropped, paths
@@ -177,9 +177,9 @@ def _commit(layout: GalleryLayout, info: GalleryInfo, change: _Change, operation
         raise GalleryError(f"{layout.root} has no manifest parts")
     dim = info.embedding_dim
     manifest, faces_removed, removed_face_paths = _rewrite_parts(
-        layout, manifest, manifest_schema(dim), MANIFEST_DIR, generation, change)
+        layout, info, manifest, manifest_schema(dim), MANIFEST_DIR, change)
     failures, failures_removed, removed_failure_paths = _rewrite_parts(
-        layout, failures, FAILURE_SCHEMA, FAILURES_DIR, generation, change)
+        layout, info, failures, FAILURE_SCHEMA, FAILURES_DIR, change)
     next_id = info.next_face_id if info.next_face_id is not None else int(info.counts.get("faces", 0))
     added_ids = np.arange(next_id, next_id + len(change.rows), dtype=np.int64)
     if change.rows:
@@ -198,7 +198,7 @@ def _commit(layout: GalleryLayout, info: GalleryInfo, change: _Change, operation
     if faces_removed:
         _delete_derived(layout)
     calibration = _stale_calibration(info, faces_removed)
-    scan = scan_manifest(layout, [layout.root / m for m in manifest])
+    scan = scan_manifest(layout, [layout.root / m for m in manifest], previous=info)
     config = run_config(layout)
     new_info = assemble_info(
         layout, config, info, scan, [layout.root / f for f in failures], info.index_type,

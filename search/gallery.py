@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from facesearch.errors import GalleryError, NotFoundError
 from indexer.build import apply_index_settings
 from indexer.catalog import is_external
-from indexer.layout import META_COLUMNS, GalleryInfo, GalleryLayout, embeddings_of, read_tables
+from indexer.layout import META_COLUMNS, GalleryInfo, GalleryLayout, embeddings_of, read_tables, read_verified
 from search.calibration import Calibration, CalibrationError, gallery_calibration
 
 log = logging.getLogger(__name__)
@@ -69,26 +70,26 @@ class Gallery:
         index_path = layout.index_path(info)
         if not index_path.is_file():
             raise FileNotFoundError(2, "missing", str(index_path))
+        data = read_verified(layout, info, index_path)
         try:
-            index = faiss.read_index(str(index_path))
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as err:
-            if not index_path.is_file():
-                raise FileNotFoundError(2, "missing", str(index_path)) from err
-            raise GalleryError(f"{index_path} is not a readable FAISS index: {err}") from err
+            raise GalleryError(f"{index_path} is not a readable FAISS index: {err}; "
+                               f"face-index build {path} rebuilds it from the manifest") from err
         apply_index_settings(index, dict(info.index))
         parts = layout.manifest_files(info)
         if not parts:
             raise GalleryError(f"{path} has no manifest partitions")
+        tables = []
         for part in parts:
             if not part.is_file():
                 raise FileNotFoundError(2, "missing", str(part))
-        try:
-            meta = read_tables(parts, META_COLUMNS)
-        except FileNotFoundError:
-            raise
-        except (OSError, pa.ArrowInvalid) as err:
-            raise GalleryError(f"{path}: manifest unreadable: {err}") from err
-        assert meta is not None
+            source = pa.BufferReader(read_verified(layout, info, part))
+            try:
+                tables.append(pq.read_table(source, columns=list(META_COLUMNS)))
+            except (OSError, pa.ArrowInvalid) as err:
+                raise GalleryError(f"{part} is unreadable: {err}") from err
+        meta = pa.concat_tables(tables).combine_chunks()
         dim = info.embedding_dim
         if index.d != dim:
             raise GalleryError(f"{path}: the index is {index.d}-D but gallery.json says {dim}-D; rebuild with face-index build")

@@ -315,16 +315,16 @@ def _downgrade_to_format_1(gallery: Path) -> None:
 
     layout = GalleryLayout(gallery)
     info = json.loads(layout.info_file.read_text())
+    vectors = Gallery.load(gallery).embeddings()
     for folder in ("manifest", "failures"):
         for part in (gallery / folder).glob("*.parquet"):
             table = pq.read_table(part)
             pq.write_table(table.drop_columns([c for c in ("content_hash", "kind") if c in table.column_names]), part)
-    vectors = Gallery.load(gallery).embeddings()
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
     faiss.write_index(flat, str(gallery / "index.faiss"))
     (gallery / info["index"]["file"]).unlink()
-    for key in ("manifest", "failures", "generation", "next_face_id", "updated"):
+    for key in ("manifest", "failures", "generation", "next_face_id", "updated", "checksums"):
         info.pop(key, None)
     info["format_version"] = 1
     info["index"] = {"type": "flat", "faiss_metric": "inner_product", "ntotal": int(flat.ntotal)}
