@@ -3,8 +3,9 @@
 For each face of a photo (largest first, up to ``max_faces``) it replies with
 one image: the face beside its 8 most similar gallery faces, cosine values and
 colour coding by the gallery's calibration, and a short caption. Photos are
-held in memory only. Users can be restricted to an allowlist, are rate
-limited, and files over a size limit are refused before download.
+held in memory only. The bot serves an allowlist of users, or everyone only
+when its owner says so explicitly (``public``); users are rate limited, and files
+over a size limit are refused before download.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import cv2
 import numpy as np
 
 from data.images import ImageLoadError, load_image_bytes
+from facesearch.errors import ConfigurationError
 from search.calibration import VERDICT_BGR, Calibration, verdict_label
 from search.html import encode_jpeg, face_crop
 from search.live import LiveSearch
@@ -40,7 +42,8 @@ HELP = (
 @dataclass(frozen=True)
 class BotSettings:
     gallery: str
-    allowed_users: frozenset[int] | None = None  # None: everyone
+    allowed_users: frozenset[int] | None = None  # who may use the bot; None only together with public=True
+    public: bool = False  # answer everyone: must be asked for explicitly (--public)
     rate_limit: int = 6  # photos per user ...
     rate_window: float = 60.0  # ... per this many seconds
     max_file_bytes: int = 10 * 2**20
@@ -50,6 +53,19 @@ class BotSettings:
     concurrency: int = 2  # searches at once
     api_server: str | None = None  # a Bot API server other than api.telegram.org (tests, self-hosted)
     reload_interval: float = 1.0  # seconds between checks for a gallery changed by another process
+
+    def validate(self) -> None:
+        """Raise ConfigurationError unless exactly one of an allowlist and ``public`` is set.
+
+        A Telegram bot is reachable by anyone who finds its name, so answering
+        everyone is never a default. FaceBot itself (no Telegram) does not need this:
+        build_dispatcher and run_bot call it.
+        """
+        if self.public and self.allowed_users is not None:
+            raise ConfigurationError("the bot is either public (--public) or limited to an allowlist (--allow), not both")
+        if not self.public and not self.allowed_users:
+            raise ConfigurationError("the bot needs an allowlist: pass --allow USER_ID (repeatable), "
+                                     "or --public to answer every Telegram user")
 
 
 class RateLimiter:
@@ -157,11 +173,12 @@ def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
     from aiogram.types import BufferedInputFile, InputMediaPhoto, Message
 
     settings = face_bot.settings
+    settings.validate()
     router = Router(name="facesearch")
 
     def allowed(message: Message) -> bool:
         user = message.from_user.id if message.from_user else None
-        return settings.allowed_users is None or user in settings.allowed_users
+        return settings.public or (settings.allowed_users is not None and user in settings.allowed_users)
 
     @router.message(CommandStart())
     @router.message(Command("help"))
@@ -247,17 +264,23 @@ def make_bot(token: str, api_server: str | None = None) -> Any:
 
 
 async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None = None) -> None:
-    """Load the gallery and models, then poll Telegram until cancelled."""
+    """Load the gallery and models, then poll Telegram until cancelled.
+
+    Refuses to start (ConfigurationError) without an allowlist unless ``public``.
+    """
+    settings.validate()
     searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
     await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
     face_bot = FaceBot(searcher, settings)
     face_bot.live.watch(settings.reload_interval)
-    dispatcher = build_dispatcher(face_bot)
-    bot = make_bot(token, settings.api_server)
-    log.info("bot ready: %d gallery faces, allowlist %s", len(searcher.gallery),
-             "off" if settings.allowed_users is None else f"{len(settings.allowed_users)} users")
     try:
-        await dispatcher.start_polling(bot, handle_signals=False)
+        dispatcher = build_dispatcher(face_bot)
+        bot = make_bot(token, settings.api_server)
+        log.info("bot ready: %d gallery faces, %s", len(searcher.gallery),
+                 "public: answers everyone" if settings.public else f"allowlist of {len(settings.allowed_users)} users")
+        try:
+            await dispatcher.start_polling(bot, handle_signals=False)
+        finally:
+            await bot.session.close()
     finally:
         face_bot.live.stop()
-        await bot.session.close()

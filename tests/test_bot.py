@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from search import Searcher
+from facesearch.errors import ConfigurationError
 from search.bot import BotSettings, RateLimiter, run_bot
 from tests.conftest import PHOTOS
 
@@ -195,3 +196,29 @@ def test_rate_limiter_window():
     assert limiter.allow(2) == 0  # per user
     now[0] = 10.5
     assert limiter.allow(1) == 0
+
+
+def test_bot_refuses_to_start_without_an_allowlist(tmp_path, monkeypatch):
+    with pytest.raises(ConfigurationError, match="--allow.*--public"):
+        BotSettings(gallery=str(tmp_path)).validate()
+    with pytest.raises(ConfigurationError, match="--allow.*--public"):
+        BotSettings(gallery=str(tmp_path), allowed_users=frozenset()).validate()
+    with pytest.raises(ConfigurationError, match="not both"):
+        BotSettings(gallery=str(tmp_path), allowed_users=frozenset({1}), public=True).validate()
+    BotSettings(gallery=str(tmp_path), public=True).validate()
+    BotSettings(gallery=str(tmp_path), allowed_users=frozenset({1})).validate()
+    # run_bot refuses before it loads anything (the searcher here would fail if touched).
+    with pytest.raises(ConfigurationError, match="--public"):
+        asyncio.run(run_bot(BotSettings(gallery=str(tmp_path)), TOKEN, searcher=object()))
+
+    from click.testing import CliRunner
+
+    from search.cli import main as face_search
+
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)
+    result = CliRunner().invoke(face_search, ["bot", "--gallery", str(tmp_path)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "--allow" in error[0] and "--public" in error[0], result.output
+    result = CliRunner().invoke(face_search, ["bot", "--gallery", str(tmp_path), "--public", "--allow", "5"])
+    assert result.exit_code == 1 and "not both" in result.output, result.output
