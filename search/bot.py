@@ -4,8 +4,9 @@ For each face of a photo (largest first, up to ``max_faces``) it replies with
 one image: the face beside its 8 most similar gallery faces, cosine values and
 colour coding by the gallery's calibration, and a short caption. Photos are
 held in memory only. The bot serves an allowlist of users, or everyone only
-when its owner says so explicitly (``public``); users are rate limited, and files
-over a size limit are refused before download.
+when its owner says so explicitly (``public``); users are rate limited, files over
+a size limit are refused before download, and a global gate bounds the photos (and
+bytes) held at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import io
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,11 +52,14 @@ class BotSettings:
     max_faces: int = 5  # reply images per photo (Telegram albums hold at most 10)
     k: int = 8
     concurrency: int = 2  # searches at once
+    max_in_flight: int = 8  # photos held at once (downloading, waiting for or in a search, answering)
+    max_bytes_in_flight: int = 64 * 2**20  # their declared sizes together (an unknown size counts as max_file_bytes)
     api_server: str | None = None  # a Bot API server other than api.telegram.org (tests, self-hosted)
     reload_interval: float = 1.0  # seconds between checks for a gallery changed by another process
 
     def validate(self) -> None:
-        """Raise ConfigurationError unless exactly one of an allowlist and ``public`` is set.
+        """Raise ConfigurationError unless exactly one of an allowlist and ``public`` is set,
+        or when the byte budget could not hold one photo of the largest accepted size.
 
         A Telegram bot is reachable by anyone who finds its name, so answering
         everyone is never a default. FaceBot itself (no Telegram) does not need this:
@@ -66,25 +70,70 @@ class BotSettings:
         if not self.public and not self.allowed_users:
             raise ConfigurationError("the bot needs an allowlist: pass --allow USER_ID (repeatable), "
                                      "or --public to answer every Telegram user")
+        if self.max_bytes_in_flight < self.max_file_bytes:
+            raise ConfigurationError("the bytes in flight (--max-mb-in-flight) must be at least the largest file "
+                                     "accepted (--max-file-mb)")
 
 
 class RateLimiter:
-    """At most ``limit`` events per ``window`` seconds per key (sliding window)."""
+    """At most ``limit`` events per ``window`` seconds per key (sliding window).
+
+    Keys whose last event is older than the window are dropped, at most once per
+    window, so the table holds only the keys seen in the last two windows.
+    """
 
     def __init__(self, limit: int, window: float, clock=time.monotonic) -> None:  # noqa: ANN001
         self.limit, self.window, self.clock = limit, window, clock
-        self._events: dict[int, deque[float]] = defaultdict(deque)
+        self._events: dict[int, deque[float]] = {}
+        self._last_prune = clock()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     def allow(self, key: int) -> float:
         """0 when allowed (and counted), else the seconds to wait."""
         now = self.clock()
-        events = self._events[key]
+        if now - self._last_prune >= self.window:
+            self.prune(now)
+        events = self._events.setdefault(key, deque())
         while events and events[0] <= now - self.window:
             events.popleft()
         if len(events) >= self.limit:
             return events[0] + self.window - now
         events.append(now)
         return 0.0
+
+    def prune(self, now: float | None = None) -> None:
+        """Drop every key whose events have all left the window."""
+        now = self.clock() if now is None else now
+        self._last_prune = now
+        stale = [key for key, events in self._events.items() if not events or events[-1] <= now - self.window]
+        for key in stale:
+            del self._events[key]
+
+
+class DownloadGate:
+    """A global cap on photos held at once and on their bytes; it never queues.
+
+    ``try_enter`` says no at once when the cap is reached, so the bot can answer
+    "busy" instead of letting downloads pile up. It runs on the event loop only
+    (no lock needed: nothing awaits between the check and the count).
+    """
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items = self.bytes = 0
+
+    def try_enter(self, nbytes: int) -> bool:
+        if self.items >= self.max_items or self.bytes + nbytes > self.max_bytes:
+            return False
+        self.items += 1
+        self.bytes += nbytes
+        return True
+
+    def leave(self, nbytes: int) -> None:
+        self.items -= 1
+        self.bytes -= nbytes
 
 
 def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45, colour=(30, 30, 30), bold: int = 1) -> None:  # noqa: ANN001
@@ -139,6 +188,7 @@ class FaceBot:
         self.settings = settings
         self.live = LiveSearch(searcher)  # follows changes made by other processes (watch() starts it)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)
+        self.gate = DownloadGate(settings.max_in_flight, settings.max_bytes_in_flight)
         self._slots = asyncio.Semaphore(settings.concurrency)
 
     def help_text(self) -> str:
@@ -198,10 +248,24 @@ def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
             await message.reply(f"That file is too large ({size / 2**20:.1f} MB). "
                                  f"Please send one under {settings.max_file_bytes / 2**20:.0f} MB.")
             return
-        wait = face_bot.limiter.allow(user)
-        if wait:
-            await message.reply(f"You are sending photos quickly; please wait {wait:.0f} s and try again.")
+        # The global gate before the per-user limit, so a busy answer does not use up the user's photos;
+        # nothing awaits between the two, so no other photo can slip in between.
+        held = settings.max_file_bytes if size is None else size
+        if not face_bot.gate.try_enter(held):
+            log.info("busy: refused a photo of user %s (%d photos, %d bytes in flight)",
+                     user, face_bot.gate.items, face_bot.gate.bytes)
+            await message.reply("I am busy with other photos right now; please try again in a minute.")
             return
+        try:
+            wait = face_bot.limiter.allow(user)
+            if wait:
+                await message.reply(f"You are sending photos quickly; please wait {wait:.0f} s and try again.")
+                return
+            await answer_image(message, user, file_id)
+        finally:
+            face_bot.gate.leave(held)
+
+    async def answer_image(message: Message, user: int, file_id: str) -> None:
         buffer = io.BytesIO()  # memory only: the photo never touches the disk
         try:
             await message.bot.download(file_id, destination=buffer)

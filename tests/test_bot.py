@@ -14,7 +14,7 @@ import pytest
 
 from search import Searcher
 from facesearch.errors import ConfigurationError
-from search.bot import BotSettings, RateLimiter, run_bot
+from search.bot import BotSettings, DownloadGate, RateLimiter, run_bot
 from tests.conftest import PHOTOS
 
 pytestmark = pytest.mark.needs_data
@@ -30,6 +30,8 @@ class FakeBotAPI:
         self.files: dict[str, bytes] = {}
         self.sent: list[dict] = []
         self.downloads: list[str] = []
+        self.download_delay = None  # async callable awaited by each download (a slow Telegram)
+        self.in_flight = self.max_in_flight = 0
         self.next_update = 1
         self.next_message = 1000
 
@@ -97,7 +99,14 @@ class FakeBotAPI:
 
         file_id = Path(request.match_info["path"]).stem
         self.downloads.append(file_id)
-        return web.Response(body=self.files[file_id], content_type="image/jpeg")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.download_delay is not None:
+                await self.download_delay()
+            return web.Response(body=self.files[file_id], content_type="image/jpeg")
+        finally:
+            self.in_flight -= 1
 
 
 async def _run_conversation(gallery_dir, api: FakeBotAPI, settings_kw: dict, expected_replies: int) -> None:
@@ -196,6 +205,67 @@ def test_rate_limiter_window():
     assert limiter.allow(2) == 0  # per user
     now[0] = 10.5
     assert limiter.allow(1) == 0
+
+
+def _texts(api: FakeBotAPI) -> dict[int, str]:
+    return {s["reply_to"]: s["fields"].get("text", "") for s in api.sent}
+
+
+def test_downloads_are_capped_globally(celeba_gallery):
+    """With max_in_flight=2, five photos at once: two are fetched (never more than two at a time), and the
+    other three get the busy answer at once instead of waiting in a queue. Also: --public answers anyone."""
+    api = FakeBotAPI()
+    blank = cv2.imencode(".jpg", np.full((300, 300, 3), 127, np.uint8))[1].tobytes()
+    for user in range(1, 6):
+        api.add_photo(1000 + user, blank)
+
+    async def slow() -> None:  # hold the downloads until the three busy answers went out
+        for _ in range(300):
+            if sum("busy" in s["fields"].get("text", "") for s in api.sent) >= 3:
+                return
+            await asyncio.sleep(0.05)
+
+    api.download_delay = slow
+    settings = {"public": True, "max_in_flight": 2}
+    asyncio.run(_run_conversation(celeba_gallery[0], api, settings, expected_replies=5))
+
+    texts = _texts(api)
+    assert sorted(texts) == [1, 2, 3, 4, 5], texts
+    busy = [i for i, t in texts.items() if "busy" in t and "try again in a minute" in t]
+    answered = [i for i, t in texts.items() if "could not find a face" in t]
+    assert len(busy) == 3 and len(answered) == 2, texts
+    assert len(api.downloads) == 2 and api.max_in_flight == 2
+
+
+def test_download_gate_counts_photos_and_bytes():
+    gate = DownloadGate(max_items=2, max_bytes=100)
+    assert gate.try_enter(60)
+    assert not gate.try_enter(60)  # bytes
+    assert gate.try_enter(40)
+    assert not gate.try_enter(0)  # photos
+    gate.leave(60)
+    assert gate.try_enter(50) and (gate.items, gate.bytes) == (2, 90)
+
+
+def test_rate_limiter_prunes_idle_users():
+    now = [0.0]
+    limiter = RateLimiter(2, 60.0, clock=lambda: now[0])
+    for user in range(10_000):
+        assert limiter.allow(user) == 0
+    assert len(limiter) == 10_000
+    now[0] = 30.0
+    assert limiter.allow(7) == 0  # user 7 is active again: kept
+    now[0] = 61.0
+    assert limiter.allow(10_001) == 0
+    assert len(limiter) == 2  # user 7 (last seen at 30 s) and the new one
+    assert limiter.allow(7) == 0 and limiter.allow(7) == pytest.approx(29.0)  # 2 in the window: 30 s and 61 s
+    # A steady stream of new users (one a second) never holds more than two windows of them.
+    sizes = []
+    for second in range(1000):
+        now[0] = 100.0 + second
+        limiter.allow(20_000 + second)
+        sizes.append(len(limiter))
+    assert max(sizes) <= 2 * 60 + 2
 
 
 def test_bot_refuses_to_start_without_an_allowlist(tmp_path, monkeypatch):
