@@ -5,8 +5,8 @@ one image: the face beside its 8 most similar gallery faces, cosine values and
 colour coding by the gallery's calibration, and a short caption. Photos are
 held in memory only. The bot serves an allowlist of users, or everyone only
 when its owner says so explicitly (``public``); users are rate limited, files over
-a size limit are refused before download, and a global gate bounds the photos (and
-bytes) held at once.
+a size limit are refused before download, a global gate bounds the photos (and
+bytes) held at once, and the bot token never reaches a log line.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import io
 import logging
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -134,6 +135,109 @@ class DownloadGate:
     def leave(self, nbytes: int) -> None:
         self.items -= 1
         self.bytes -= nbytes
+
+
+class FileTooLargeError(Exception):
+    """A download grew past the size limit (its declared size was missing or wrong)."""
+
+
+class _CappedBuffer(io.BytesIO):
+    """A BytesIO that refuses to grow past ``limit`` bytes while a download streams in."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:  # noqa: ANN001
+        if self.tell() + len(data) > self.limit:
+            raise FileTooLargeError(f"over {self.limit} bytes")
+        return super().write(data)
+
+
+REDACTED = "[redacted]"
+
+
+class RedactSecrets(logging.Filter):
+    """Removes secrets (the bot token) from log records: message, arguments, traceback, stack and extras.
+
+    Telegram's file URLs hold the token (``/file/bot<TOKEN>/<path>``) and aiohttp
+    puts the URL into its errors' text, so a traceback can carry the token even
+    when no message does. A record that holds a secret gets its rendered message
+    redacted (and its arguments dropped), and its traceback rendered and redacted
+    into ``exc_text`` (``exc_info`` is dropped so no formatter renders it again).
+    The token's secret part (after the ``:``) is redacted on its own too.
+    """
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        found: set[str] = set()
+        for secret in filter(None, secrets):
+            found.add(secret)
+            tail = secret.partition(":")[2]
+            if len(tail) >= 6:
+                found.add(tail)
+        self.secrets = sorted(found, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def holds(self, text: str | None) -> bool:
+        return bool(text) and any(secret in text for secret in self.secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format must not leak through the error report
+            message = f"{record.msg} (arguments dropped: they did not format)"
+            record.msg, record.args = self.redact(message), ()
+        else:
+            if self.holds(message):
+                record.msg, record.args = self.redact(message), ()
+        if record.exc_info and not record.exc_text:
+            text = _PLAIN.formatException(record.exc_info)
+            if self.holds(text):
+                record.exc_text, record.exc_info = self.redact(text), None
+        elif self.holds(record.exc_text):
+            record.exc_text, record.exc_info = self.redact(record.exc_text), None
+        if self.holds(record.stack_info):
+            record.stack_info = self.redact(record.stack_info)
+        for name, value in list(vars(record).items()):  # extra={...} fields
+            if isinstance(value, str) and name not in ("msg", "exc_text", "stack_info") and self.holds(value):
+                setattr(record, name, self.redact(value))
+        return True
+
+
+_PLAIN = logging.Formatter()
+
+
+@contextmanager
+def redacting_logs(*secrets: str) -> Iterator[RedactSecrets]:
+    """Install a RedactSecrets filter on every handler configured now (the root's, any
+    logger's and logging's last resort) and remove it on exit. A handler filter sees
+    the records of every logger that propagates to it, aiogram's and aiohttp's included."""
+    redactor = RedactSecrets(*secrets)
+    handlers: list[logging.Handler] = list(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            handlers.extend(logger.handlers)
+    if logging.lastResort is not None:
+        handlers.append(logging.lastResort)
+    unique = list({id(h): h for h in handlers}.values())
+    for handler in unique:
+        handler.addFilter(redactor)
+    try:
+        yield redactor
+    finally:
+        for handler in unique:
+            handler.removeFilter(redactor)
+
+
+def describe_error(err: BaseException) -> str:
+    """An error's type (and HTTP status), never its text: aiohttp's text holds the URL, and a file URL the token."""
+    status = getattr(err, "status", None)
+    return type(err).__name__ + (f" (HTTP {status})" if isinstance(status, int) else "")
 
 
 def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45, colour=(30, 30, 30), bold: int = 1) -> None:  # noqa: ANN001
@@ -266,14 +370,18 @@ def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
             face_bot.gate.leave(held)
 
     async def answer_image(message: Message, user: int, file_id: str) -> None:
-        buffer = io.BytesIO()  # memory only: the photo never touches the disk
+        buffer = _CappedBuffer(settings.max_file_bytes)  # memory only: the photo never touches the disk
         try:
-            await message.bot.download(file_id, destination=buffer)
-            data = buffer.getvalue()
-            if len(data) > settings.max_file_bytes:
+            try:
+                await message.bot.download(file_id, destination=buffer)
+            except FileTooLargeError:
                 await message.reply("That file is too large.")
                 return
-            replies = await face_bot.answer_async(data)
+            except Exception as err:  # noqa: BLE001 - never log the error's text or traceback: they hold the file URL
+                log.warning("could not download the photo of user %s: %s", user, describe_error(err))
+                await message.reply("Sorry, I could not fetch your photo from Telegram. Please send it again.")
+                return
+            replies = await face_bot.answer_async(buffer.getvalue())
         except ImageLoadError as err:
             log.info("user %s sent an unreadable image: %s", user, err.reason)
             await message.reply("Sorry, I could not read that image. Please send a JPEG or PNG photo.")
@@ -331,20 +439,23 @@ async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None =
     """Load the gallery and models, then poll Telegram until cancelled.
 
     Refuses to start (ConfigurationError) without an allowlist unless ``public``.
+    While it runs, every configured log handler redacts the token (configure
+    logging before calling it).
     """
     settings.validate()
-    searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
-    await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
-    face_bot = FaceBot(searcher, settings)
-    face_bot.live.watch(settings.reload_interval)
-    try:
-        dispatcher = build_dispatcher(face_bot)
-        bot = make_bot(token, settings.api_server)
-        log.info("bot ready: %d gallery faces, %s", len(searcher.gallery),
-                 "public: answers everyone" if settings.public else f"allowlist of {len(settings.allowed_users)} users")
+    with redacting_logs(token):
+        searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
+        await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
+        face_bot = FaceBot(searcher, settings)
+        face_bot.live.watch(settings.reload_interval)
         try:
-            await dispatcher.start_polling(bot, handle_signals=False)
+            dispatcher = build_dispatcher(face_bot)
+            bot = make_bot(token, settings.api_server)
+            log.info("bot ready: %d gallery faces, %s", len(searcher.gallery),
+                     "public: answers everyone" if settings.public else f"allowlist of {len(settings.allowed_users)} users")
+            try:
+                await dispatcher.start_polling(bot, handle_signals=False)
+            finally:
+                await bot.session.close()
         finally:
-            await bot.session.close()
-    finally:
-        face_bot.live.stop()
+            face_bot.live.stop()
