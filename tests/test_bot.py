@@ -358,6 +358,8 @@ def test_bot_refuses_to_start_without_an_allowlist(tmp_path, monkeypatch):
         BotSettings(gallery=str(tmp_path), allowed_users=frozenset({1}), public=True).validate()
     BotSettings(gallery=str(tmp_path), public=True).validate()
     BotSettings(gallery=str(tmp_path), allowed_users=frozenset({1})).validate()
+    with pytest.raises(ConfigurationError, match="--max-mb-in-flight"):  # the budget must hold one largest file
+        BotSettings(gallery=str(tmp_path), public=True, max_file_bytes=10, max_bytes_in_flight=5).validate()
     # run_bot refuses before it loads anything (the searcher here would fail if touched).
     with pytest.raises(ConfigurationError, match="--public"):
         asyncio.run(run_bot(BotSettings(gallery=str(tmp_path)), TOKEN, searcher=object()))
