@@ -3,8 +3,10 @@
 For each face of a photo (largest first, up to ``max_faces``) it replies with
 one image: the face beside its 8 most similar gallery faces, cosine values and
 colour coding by the gallery's calibration, and a short caption. Photos are
-held in memory only. Users can be restricted to an allowlist, are rate
-limited, and files over a size limit are refused before download.
+held in memory only. The bot serves an allowlist of users, or everyone only
+when its owner says so explicitly (``public``); users are rate limited, files over
+a size limit are refused before download, a global gate bounds the photos (and
+bytes) held at once, and the bot token never reaches a log line.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import asyncio
 import io
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
 
 from data.images import ImageLoadError, load_image_bytes
+from facesearch.errors import ConfigurationError
 from search.calibration import VERDICT_BGR, Calibration, verdict_label
 from search.html import encode_jpeg, face_crop
 from search.live import LiveSearch
@@ -40,7 +44,8 @@ HELP = (
 @dataclass(frozen=True)
 class BotSettings:
     gallery: str
-    allowed_users: frozenset[int] | None = None  # None: everyone
+    allowed_users: frozenset[int] | None = None  # who may use the bot; None only together with public=True
+    public: bool = False  # answer everyone: must be asked for explicitly (--public)
     rate_limit: int = 6  # photos per user ...
     rate_window: float = 60.0  # ... per this many seconds
     max_file_bytes: int = 10 * 2**20
@@ -48,27 +53,191 @@ class BotSettings:
     max_faces: int = 5  # reply images per photo (Telegram albums hold at most 10)
     k: int = 8
     concurrency: int = 2  # searches at once
+    max_in_flight: int = 8  # photos held at once (downloading, waiting for or in a search, answering)
+    max_bytes_in_flight: int = 64 * 2**20  # their declared sizes together (an unknown size counts as max_file_bytes)
     api_server: str | None = None  # a Bot API server other than api.telegram.org (tests, self-hosted)
     reload_interval: float = 1.0  # seconds between checks for a gallery changed by another process
 
+    def validate(self) -> None:
+        """Raise ConfigurationError unless exactly one of an allowlist and ``public`` is set,
+        or when the byte budget could not hold one photo of the largest accepted size.
+
+        A Telegram bot is reachable by anyone who finds its name, so answering
+        everyone is never a default. FaceBot itself (no Telegram) does not need this:
+        build_dispatcher and run_bot call it.
+        """
+        if self.public and self.allowed_users is not None:
+            raise ConfigurationError("the bot is either public (--public) or limited to an allowlist (--allow), not both")
+        if not self.public and not self.allowed_users:
+            raise ConfigurationError("the bot needs an allowlist: pass --allow USER_ID (repeatable), "
+                                     "or --public to answer every Telegram user")
+        if self.max_bytes_in_flight < self.max_file_bytes:
+            raise ConfigurationError("the bytes in flight (--max-mb-in-flight) must be at least the largest file "
+                                     "accepted (--max-file-mb)")
+
 
 class RateLimiter:
-    """At most ``limit`` events per ``window`` seconds per key (sliding window)."""
+    """At most ``limit`` events per ``window`` seconds per key (sliding window).
+
+    Keys whose last event is older than the window are dropped, at most once per
+    window, so the table holds only the keys seen in the last two windows.
+    """
 
     def __init__(self, limit: int, window: float, clock=time.monotonic) -> None:  # noqa: ANN001
         self.limit, self.window, self.clock = limit, window, clock
-        self._events: dict[int, deque[float]] = defaultdict(deque)
+        self._events: dict[int, deque[float]] = {}
+        self._last_prune = clock()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     def allow(self, key: int) -> float:
         """0 when allowed (and counted), else the seconds to wait."""
         now = self.clock()
-        events = self._events[key]
+        if now - self._last_prune >= self.window:
+            self.prune(now)
+        events = self._events.setdefault(key, deque())
         while events and events[0] <= now - self.window:
             events.popleft()
         if len(events) >= self.limit:
             return events[0] + self.window - now
         events.append(now)
         return 0.0
+
+    def prune(self, now: float | None = None) -> None:
+        """Drop every key whose events have all left the window."""
+        now = self.clock() if now is None else now
+        self._last_prune = now
+        stale = [key for key, events in self._events.items() if not events or events[-1] <= now - self.window]
+        for key in stale:
+            del self._events[key]
+
+
+class DownloadGate:
+    """A global cap on photos held at once and on their bytes; it never queues.
+
+    ``try_enter`` says no at once when the cap is reached, so the bot can answer
+    "busy" instead of letting downloads pile up. It runs on the event loop only
+    (no lock needed: nothing awaits between the check and the count).
+    """
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items = self.bytes = 0
+
+    def try_enter(self, nbytes: int) -> bool:
+        if self.items >= self.max_items or self.bytes + nbytes > self.max_bytes:
+            return False
+        self.items += 1
+        self.bytes += nbytes
+        return True
+
+    def leave(self, nbytes: int) -> None:
+        self.items -= 1
+        self.bytes -= nbytes
+
+
+class FileTooLargeError(Exception):
+    """A download grew past the size limit (its declared size was missing or wrong)."""
+
+
+class _CappedBuffer(io.BytesIO):
+    """A BytesIO that refuses to grow past ``limit`` bytes while a download streams in."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:  # noqa: ANN001
+        if self.tell() + len(data) > self.limit:
+            raise FileTooLargeError(f"over {self.limit} bytes")
+        return super().write(data)
+
+
+REDACTED = "[redacted]"
+
+
+class RedactSecrets(logging.Filter):
+    """Removes secrets (the bot token) from log records: message, arguments, traceback, stack and extras.
+
+    Telegram's file URLs hold the token (``/file/bot<TOKEN>/<path>``) and aiohttp
+    puts the URL into its errors' text, so a traceback can carry the token even
+    when no message does. A record that holds a secret gets its rendered message
+    redacted (and its arguments dropped), and its traceback rendered and redacted
+    into ``exc_text`` (``exc_info`` is dropped so no formatter renders it again).
+    The token's secret part (after the ``:``) is redacted on its own too.
+    """
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        found: set[str] = set()
+        for secret in filter(None, secrets):
+            found.add(secret)
+            tail = secret.partition(":")[2]
+            if len(tail) >= 6:
+                found.add(tail)
+        self.secrets = sorted(found, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def holds(self, text: str | None) -> bool:
+        return bool(text) and any(secret in text for secret in self.secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format must not leak through the error report
+            message = f"{record.msg} (arguments dropped: they did not format)"
+            record.msg, record.args = self.redact(message), ()
+        else:
+            if self.holds(message):
+                record.msg, record.args = self.redact(message), ()
+        if record.exc_info and not record.exc_text:
+            text = _PLAIN.formatException(record.exc_info)
+            if self.holds(text):
+                record.exc_text, record.exc_info = self.redact(text), None
+        elif self.holds(record.exc_text):
+            record.exc_text, record.exc_info = self.redact(record.exc_text), None
+        if self.holds(record.stack_info):
+            record.stack_info = self.redact(record.stack_info)
+        for name, value in list(vars(record).items()):  # extra={...} fields
+            if isinstance(value, str) and name not in ("msg", "exc_text", "stack_info") and self.holds(value):
+                setattr(record, name, self.redact(value))
+        return True
+
+
+_PLAIN = logging.Formatter()
+
+
+@contextmanager
+def redacting_logs(*secrets: str) -> Iterator[RedactSecrets]:
+    """Install a RedactSecrets filter on every handler configured now (the root's, any
+    logger's and logging's last resort) and remove it on exit. A handler filter sees
+    the records of every logger that propagates to it, aiogram's and aiohttp's included."""
+    redactor = RedactSecrets(*secrets)
+    handlers: list[logging.Handler] = list(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            handlers.extend(logger.handlers)
+    if logging.lastResort is not None:
+        handlers.append(logging.lastResort)
+    unique = list({id(h): h for h in handlers}.values())
+    for handler in unique:
+        handler.addFilter(redactor)
+    try:
+        yield redactor
+    finally:
+        for handler in unique:
+            handler.removeFilter(redactor)
+
+
+def describe_error(err: BaseException) -> str:
+    """An error's type (and HTTP status), never its text: aiohttp's text holds the URL, and a file URL the token."""
+    status = getattr(err, "status", None)
+    return type(err).__name__ + (f" (HTTP {status})" if isinstance(status, int) else "")
 
 
 def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.45, colour=(30, 30, 30), bold: int = 1) -> None:  # noqa: ANN001
@@ -123,6 +292,7 @@ class FaceBot:
         self.settings = settings
         self.live = LiveSearch(searcher)  # follows changes made by other processes (watch() starts it)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_window)
+        self.gate = DownloadGate(settings.max_in_flight, settings.max_bytes_in_flight)
         self._slots = asyncio.Semaphore(settings.concurrency)
 
     def help_text(self) -> str:
@@ -157,11 +327,12 @@ def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
     from aiogram.types import BufferedInputFile, InputMediaPhoto, Message
 
     settings = face_bot.settings
+    settings.validate()
     router = Router(name="facesearch")
 
     def allowed(message: Message) -> bool:
         user = message.from_user.id if message.from_user else None
-        return settings.allowed_users is None or user in settings.allowed_users
+        return settings.public or (settings.allowed_users is not None and user in settings.allowed_users)
 
     @router.message(CommandStart())
     @router.message(Command("help"))
@@ -181,18 +352,36 @@ def build_dispatcher(face_bot: FaceBot):  # noqa: ANN201 - aiogram is optional
             await message.reply(f"That file is too large ({size / 2**20:.1f} MB). "
                                  f"Please send one under {settings.max_file_bytes / 2**20:.0f} MB.")
             return
-        wait = face_bot.limiter.allow(user)
-        if wait:
-            await message.reply(f"You are sending photos quickly; please wait {wait:.0f} s and try again.")
+        # The global gate before the per-user limit, so a busy answer does not use up the user's photos;
+        # nothing awaits between the two, so no other photo can slip in between.
+        held = settings.max_file_bytes if size is None else size
+        if not face_bot.gate.try_enter(held):
+            log.info("busy: refused a photo of user %s (%d photos, %d bytes in flight)",
+                     user, face_bot.gate.items, face_bot.gate.bytes)
+            await message.reply("I am busy with other photos right now; please try again in a minute.")
             return
-        buffer = io.BytesIO()  # memory only: the photo never touches the disk
         try:
-            await message.bot.download(file_id, destination=buffer)
-            data = buffer.getvalue()
-            if len(data) > settings.max_file_bytes:
+            wait = face_bot.limiter.allow(user)
+            if wait:
+                await message.reply(f"You are sending photos quickly; please wait {wait:.0f} s and try again.")
+                return
+            await answer_image(message, user, file_id)
+        finally:
+            face_bot.gate.leave(held)
+
+    async def answer_image(message: Message, user: int, file_id: str) -> None:
+        buffer = _CappedBuffer(settings.max_file_bytes)  # memory only: the photo never touches the disk
+        try:
+            try:
+                await message.bot.download(file_id, destination=buffer)
+            except FileTooLargeError:
                 await message.reply("That file is too large.")
                 return
-            replies = await face_bot.answer_async(data)
+            except Exception as err:  # noqa: BLE001 - never log the error's text or traceback: they hold the file URL
+                log.warning("could not download the photo of user %s: %s", user, describe_error(err))
+                await message.reply("Sorry, I could not fetch your photo from Telegram. Please send it again.")
+                return
+            replies = await face_bot.answer_async(buffer.getvalue())
         except ImageLoadError as err:
             log.info("user %s sent an unreadable image: %s", user, err.reason)
             await message.reply("Sorry, I could not read that image. Please send a JPEG or PNG photo.")
@@ -247,17 +436,26 @@ def make_bot(token: str, api_server: str | None = None) -> Any:
 
 
 async def run_bot(settings: BotSettings, token: str, searcher: Searcher | None = None) -> None:
-    """Load the gallery and models, then poll Telegram until cancelled."""
-    searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
-    await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
-    face_bot = FaceBot(searcher, settings)
-    face_bot.live.watch(settings.reload_interval)
-    dispatcher = build_dispatcher(face_bot)
-    bot = make_bot(token, settings.api_server)
-    log.info("bot ready: %d gallery faces, allowlist %s", len(searcher.gallery),
-             "off" if settings.allowed_users is None else f"{len(settings.allowed_users)} users")
-    try:
-        await dispatcher.start_polling(bot, handle_signals=False)
-    finally:
-        face_bot.live.stop()
-        await bot.session.close()
+    """Load the gallery and models, then poll Telegram until cancelled.
+
+    Refuses to start (ConfigurationError) without an allowlist unless ``public``.
+    While it runs, every configured log handler redacts the token (configure
+    logging before calling it).
+    """
+    settings.validate()
+    with redacting_logs(token):
+        searcher = searcher or await asyncio.to_thread(Searcher, settings.gallery)
+        await asyncio.to_thread(searcher.search, np.zeros((64, 64, 3), np.uint8), 1)  # load the models now
+        face_bot = FaceBot(searcher, settings)
+        face_bot.live.watch(settings.reload_interval)
+        try:
+            dispatcher = build_dispatcher(face_bot)
+            bot = make_bot(token, settings.api_server)
+            log.info("bot ready: %d gallery faces, %s", len(searcher.gallery),
+                     "public: answers everyone" if settings.public else f"allowlist of {len(settings.allowed_users)} users")
+            try:
+                await dispatcher.start_polling(bot, handle_signals=False)
+            finally:
+                await bot.session.close()
+        finally:
+            face_bot.live.stop()

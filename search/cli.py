@@ -179,14 +179,22 @@ def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixe
 
 @main.command()
 @click.option("--gallery", "gallery_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Gallery directory.")
-@click.option("--allow", "allowed", multiple=True, type=int, help="Telegram user id allowed to use the bot (repeatable) [default: everyone].")
+@click.option("--allow", "allowed", multiple=True, type=int,
+              help="Telegram user id allowed to use the bot (repeatable); required unless --public.")
+@click.option("--public", is_flag=True, help="Answer every Telegram user (no allowlist); the bot refuses to start without --allow or this.")
 @click.option("--rate", type=click.IntRange(1), default=6, show_default=True, help="Photos per user per minute.")
 @click.option("--max-file-mb", type=click.FloatRange(0.01), default=10.0, show_default=True, help="Largest photo or file accepted.")
 @click.option("--max-faces", type=click.IntRange(1, 10), default=5, show_default=True, help="Faces answered per photo, largest first.")
+@click.option("--max-in-flight", type=click.IntRange(1), default=8, show_default=True,
+              help="Photos handled at once, all users together; more get a 'busy, try again' answer.")
+@click.option("--max-mb-in-flight", type=click.FloatRange(0.01), default=64.0, show_default=True,
+              help="Their declared sizes together (an unknown size counts as --max-file-mb); at least --max-file-mb.")
 @click.option("--api-server", help="Bot API server URL [default: Telegram's].")
-def bot(gallery_dir: str, allowed: tuple[int, ...], rate: int, max_file_mb: float, max_faces: int, api_server: str | None) -> None:
+def bot(gallery_dir: str, allowed: tuple[int, ...], public: bool, rate: int, max_file_mb: float, max_faces: int,
+        max_in_flight: int, max_mb_in_flight: float, api_server: str | None) -> None:
     """Run a Telegram bot that answers each face of a photo with its 8 most
-    similar gallery faces. The token is read from TELEGRAM_BOT_TOKEN.
+    similar gallery faces. The token is read from TELEGRAM_BOT_TOKEN. The bot
+    answers only the users given with --allow, or everyone with --public.
 
     Example:
 
@@ -203,9 +211,12 @@ def bot(gallery_dir: str, allowed: tuple[int, ...], rate: int, max_file_mb: floa
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise click.ClickException(f"set {TOKEN_ENV} to the bot's token (from @BotFather); it is never taken as a flag")
+    settings = BotSettings(gallery=gallery_dir, allowed_users=frozenset(allowed) if allowed else None, public=public,
+                           rate_limit=rate, max_file_bytes=int(max_file_mb * 2**20), max_faces=max_faces,
+                           max_in_flight=max_in_flight, max_bytes_in_flight=int(max_mb_in_flight * 2**20),
+                           api_server=api_server)
+    settings.validate()  # before loading anything: ConfigurationError -> one line, exit 1
     Gallery.load(gallery_dir)
-    settings = BotSettings(gallery=gallery_dir, allowed_users=frozenset(allowed) if allowed else None, rate_limit=rate,
-                           max_file_bytes=int(max_file_mb * 2**20), max_faces=max_faces, api_server=api_server)
     try:
         asyncio.run(run_bot(settings, token))
     except KeyboardInterrupt:
