@@ -1,24 +1,26 @@
 """Build: the FAISS index and gallery.json from a gallery's manifest, and nothing else.
 
 Building reads only the Parquet files: it never builds a face pipeline, so a
-gallery whose model files have moved can still be rebuilt. The index maps
-stable face ids (an ``IndexIDMap2`` around an inner-product index), so ids survive
-removals; format-1 galleries, whose ids are row numbers, open as before.
+gallery whose model files have moved can still be rebuilt. The index answers
+stable face ids, so ids survive removals; format-1 galleries, whose ids are row
+numbers, open as before. The kind of index and its tuning come from indexer/ann.py.
 
-Every write of gallery.json is a new *generation*: the index of generation G is
-``index-GGGGGG.faiss``, written before gallery.json names it, so a reader sees
-one generation or the next, never a mix.
+Every write of gallery.json is a new *generation*: generation G's files
+(``index-G.faiss``, ``meta-G.arrow``: the metadata columns in one memory-mappable
+file, ``vectors-G.f32`` for re-ranking) are written before gallery.json names
+them, so a reader sees one generation or the next, never a mix.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,16 +28,19 @@ import pyarrow.parquet as pq
 
 from data.records import DatasetListing
 from facesearch.errors import ConfigurationError, GalleryError
+from indexer import ann
 from indexer.config import RunConfig
 from indexer.layout import (
-    FAILURES_DIR, FORMAT_VERSION, LEGACY_INDEX_FILE, MANIFEST_DIR, PIPELINE_FILE, GalleryCorruptError, GalleryInfo,
-    GalleryLayout, embeddings_of, failure_kinds, file_checksum, read_json, read_verified, write_bytes_atomic,
-    write_json_atomic, write_table_atomic,
+    FAILURES_DIR, FORMAT_VERSION, LEGACY_INDEX_FILE, MANIFEST_DIR, META_COLUMNS, PIPELINE_FILE, AtomicFile,
+    GalleryCorruptError, GalleryInfo, GalleryLayout, embeddings_of, failure_kinds, file_checksum, publish, read_json,
+    read_verified, row_count, temporary_for, write_bytes_atomic, write_json_atomic, write_table_atomic,
 )
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ann.INDEX_TYPES
+#: metadata rows per record batch of meta-G.arrow: few chunks to search, bounded memory to write
+META_BATCH_ROWS = 1_000_000
 
 
 class GalleryBuildError(GalleryError):
@@ -43,129 +48,78 @@ class GalleryBuildError(GalleryError):
 
 
 def make_index(index_type: str, vectors: np.ndarray, ids: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
-    """A trained, filled FAISS inner-product index and its settings; with ``ids``, an
-    IndexIDMap2 that answers those ids (the face ids) instead of row numbers.
-
-    flat: exact, O(N) per query; the default, fine to a few million faces.
-    hnsw: graph, fast and memory-hungry, recall ~0.99 with efSearch 128.
-    ivf: inverted lists (nlist ~ 4 sqrt N), nprobe = nlist / 8.
-    """
-    import faiss
-
+    """A trained, filled index of ``vectors`` (face ids ``ids``, default 0..N-1) and its default
+    search settings: the in-memory form of what a build writes (used by tests and tools)."""
     n, dim = vectors.shape
+    kind = ann.choose(index_type, n, dim)
+    p = ann.plan(kind, n, dim)
+    index = ann.new_index(p)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if index_type == "flat":
-        index, settings = faiss.IndexFlatIP(dim), {}
-    elif index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 200
-        index.hnsw.efSearch = 128
-        settings = {"M": 32, "efConstruction": 200, "efSearch": 128}
-    elif index_type == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
-        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-        if n:
-            index.train(vectors)
-        faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)
-        settings = {"nlist": nlist, "nprobe": max(1, nlist // 8)}
-    else:
-        raise ConfigurationError(f"unknown index type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
-    if ids is not None:
-        index = faiss.IndexIDMap2(index)
-        if n:
-            index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-    elif n:
-        index.add(vectors)
-    return index, settings
-
-
-def apply_index_settings(index: Any, settings: dict[str, Any]) -> None:
-    """Search-time settings that a loaded index must get back."""
-    import faiss
-
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
-    if "efSearch" in settings:
-        inner.hnsw.efSearch = int(settings["efSearch"])
-    if "nprobe" in settings:
-        faiss.extract_index_ivf(inner).nprobe = int(settings["nprobe"])
+    if p.trains and n:
+        index.train(vectors[: ann.TRAIN_SAMPLE])
+    if n:
+        index.add_with_ids(vectors, np.ascontiguousarray(np.arange(n) if ids is None else ids, dtype=np.int64))
+    return index, {**p.params, **ann.default_search_settings(kind, p.params)}
 
 
 def write_index(layout: GalleryLayout, index: Any, generation: int) -> tuple[str, str]:
-    """Write generation ``generation``'s index file; returns its name (relative to the gallery) and checksum."""
+    """Write generation ``generation``'s index file; returns its name (relative to the gallery) and checksum.
+    faiss writes the file itself (no copy of the index in memory); the checksum reads it back in chunks."""
     import faiss
 
     name = f"index-{generation:06d}.faiss"
-    data = faiss.serialize_index(index).tobytes()
-    write_bytes_atomic(layout.root / name, lambda tmp: tmp.write_bytes(data))
-    return name, file_checksum(data)
+    write_bytes_atomic(layout.root / name, lambda tmp: faiss.write_index(index, str(tmp)))
+    return name, checksum_of_file(layout.root / name)
 
 
-@dataclass(frozen=True)
-class ManifestScan:
-    """What building needs from the manifest: vectors by face id, and counts."""
-
-    files: tuple[str, ...]
-    face_ids: np.ndarray
-    vectors: np.ndarray
-    dim: int
-    paths: frozenset[str]
-    checksums: dict[str, str]
+def checksum_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
-def scan_manifest(layout: GalleryLayout, files: Sequence[Path], renumber: bool = False,
-                  previous: GalleryInfo | None = None) -> ManifestScan:
-    """Embeddings and face ids of ``files`` in order, each checked against ``previous``'s
-    checksums where it has one. ``renumber`` (only before a gallery's first build, when
-    no id has been handed out yet) makes face ids 0..N-1 over the parts."""
-    chunks, ids = [], []
+@dataclass
+class _Part:
+    path: Path
+    table: pa.Table  # face_id, path, embedding (+ META_COLUMNS when asked)
+    checksum: str
+
+
+def _read_parts(layout: GalleryLayout, files: Sequence[Path], previous: GalleryInfo | None, columns: Sequence[str],
+                renumber: bool = False) -> Iterator[_Part]:
+    """Each manifest part in order, checked against ``previous``'s checksums. ``renumber`` (only
+    before a gallery's first build, when no id has been handed out yet) makes face ids 0..N-1."""
     offset = 0
-    dim = None
-    paths: set[str] = set()
-    checksums: dict[str, str] = {}
     for part in files:
         data = read_verified(layout, previous, part)
         try:
-            table = pq.read_table(pa.BufferReader(data), columns=["face_id", "path", "embedding"])
+            table = pq.read_table(pa.BufferReader(data), columns=list(columns))
         except (OSError, pa.ArrowInvalid) as err:
             raise GalleryBuildError(f"{part} is unreadable: {err}; restore it, or remove it and run face-index sync") from err
-        part_dim = table.schema.field("embedding").type.list_size
-        if dim is None:
-            dim = part_dim
-        elif part_dim != dim:
-            raise GalleryBuildError(f"{part.name} has {part_dim}-D embeddings, earlier parts {dim}-D")
-        part_ids = table.column("face_id").to_numpy()
         if renumber:
             expected = np.arange(offset, offset + table.num_rows, dtype=np.int64)
-            if not np.array_equal(part_ids, expected):
+            if not np.array_equal(table.column("face_id").to_numpy(), expected):
                 log.info("renumbering face ids of %s from %d", part.name, offset)
-                full = pq.read_table(part)
+                full = pq.read_table(pa.BufferReader(data))
                 full = full.set_column(full.schema.get_field_index("face_id"), full.schema.field("face_id"), pa.array(expected))
                 write_table_atomic(full, part)
                 data = part.read_bytes()
-                part_ids = expected
-        checksums[layout.relative(part)] = file_checksum(data)
-        chunks.append(embeddings_of(table))
-        ids.append(part_ids.astype(np.int64))
-        paths.update(table.column("path").unique().to_pylist())
+                table = table.set_column(table.schema.get_field_index("face_id"), "face_id", pa.array(expected))
         offset += table.num_rows
-    face_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if len(face_ids) > 1 and not (np.diff(face_ids) > 0).all():
-        raise GalleryBuildError(f"{layout.root}: face ids are not increasing over the manifest parts")
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim or 0), np.float32)
-    return ManifestScan(tuple(layout.relative(f) for f in files), face_ids, vectors, int(dim or 0), frozenset(paths),
-                        checksums)
+        yield _Part(part, table, file_checksum(data))
 
 
-def scan_failures(layout: GalleryLayout, files: Sequence[Path], previous: GalleryInfo | None) -> tuple[dict[str, int], dict[str, str]]:
-    """Failure counts by kind, and the checksums of ``files`` (checked against ``previous``'s)."""
-    counts: dict[str, int] = {}
-    checksums: dict[str, str] = {}
-    for part in files:
-        data = read_verified(layout, previous, part)
-        checksums[layout.relative(part)] = file_checksum(data)
-        for kind in failure_kinds(pq.read_table(pa.BufferReader(data))):
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts, checksums
+@dataclass(frozen=True)
+class ManifestStats:
+    """What a build learns from the manifest besides the index."""
+
+    files: tuple[str, ...]
+    face_ids: np.ndarray
+    dim: int
+    images: int  # distinct images with faces (an image's faces are all in one part)
+    checksums: dict[str, str]
 
 
 def unusable_files(layout: GalleryLayout, info: GalleryInfo) -> list[str]:
@@ -179,10 +133,10 @@ def unusable_files(layout: GalleryLayout, info: GalleryInfo) -> list[str]:
     return bad
 
 
-def gallery_counts(scan: ManifestScan, failures: dict[str, int], missing_from_dataset: int | None) -> dict[str, Any]:
+def gallery_counts(scan: ManifestStats, failures: dict[str, int], missing_from_dataset: int | None) -> dict[str, Any]:
     return {
-        "images": len(scan.paths) + sum(failures.values()),
-        "images_with_faces": len(scan.paths),
+        "images": scan.images + sum(failures.values()),
+        "images_with_faces": scan.images,
         "faces": int(len(scan.face_ids)),
         "failures": sum(failures.values()),
         **{k: failures.get(k, 0) for k in ("no_face", "load_error", "detect_error", "embed_error")},
@@ -228,17 +182,22 @@ def now() -> str:
 
 
 def build_gallery(
-    gallery_dir: str | os.PathLike[str], index_type: str = "flat", listing: DatasetListing | None = None,
-    drop_missing: bool = False,
+    gallery_dir: str | os.PathLike[str], index_type: str | None = "auto", listing: DatasetListing | None = None,
+    drop_missing: bool = False, target_recall: float = 0.95, recall_k: int = 8,
 ) -> GalleryInfo:
     """Write the index and gallery.json from the manifest; returns the new GalleryInfo.
 
+    index_type: a kind of ``INDEX_TYPES`` ("auto": chosen by size), or None to keep the
+        gallery's earlier choice. target_recall / recall_k: what tuning aims at (recall@k
+        against exact search, measured on a sample of the gallery's own vectors).
     Refuses when manifest parts are missing (naming them) unless ``drop_missing``,
     which builds from what is there; ``face-index sync`` then re-adds the images of the
     dropped parts from the dataset.
     """
-    if index_type not in INDEX_TYPES:
+    if index_type is not None and index_type not in INDEX_TYPES:
         raise ConfigurationError(f"unknown index type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
+    if not 0 < target_recall <= 1 or recall_k < 1:
+        raise ConfigurationError(f"target recall must be in (0, 1] and k >= 1, got {target_recall} and {recall_k}")
     layout = GalleryLayout(Path(gallery_dir))
     if not layout.run_file.exists():
         raise GalleryBuildError(f"{layout.root} is not a gallery being built: {layout.run_file.name} is missing")
@@ -269,29 +228,164 @@ def build_gallery(
         failures = layout.part_files(FAILURES_DIR)
     if not manifest:
         raise GalleryBuildError(f"{layout.root} has no manifest partitions: run face-index run first")
-    scan = scan_manifest(layout, manifest, renumber=not listed and not drop_missing, previous=previous)
-    info = assemble_info(layout, config, previous, scan, failures, index_type,
-                         listing.missing if listing is not None else None)
+    info = commit_generation(layout, config, previous, manifest, failures, IndexRequest.carried(previous, index_type)
+                             if index_type is None else IndexRequest(index_type, target_recall, recall_k),
+                             listing.missing if listing is not None else None, renumber=not listed and not drop_missing)
     remove_unlisted(layout, info)
     if missing:
         log.warning("built without %d missing file(s); run face-index sync to re-add their images", len(missing))
     return info
 
 
-def assemble_info(
-    layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, scan: ManifestScan,
-    failures: Sequence[Path], index_type: str, missing_from_dataset: int | None,
-    before_commit: Callable[[], None] | None = None, **extra: Any,
+def scan_failures(layout: GalleryLayout, files: Sequence[Path], previous: GalleryInfo | None) -> tuple[dict[str, int], dict[str, str]]:
+    """Failure counts by kind, and the checksums of ``files`` (checked against ``previous``'s)."""
+    counts: dict[str, int] = {}
+    checksums: dict[str, str] = {}
+    for part in files:
+        data = read_verified(layout, previous, part)
+        checksums[layout.relative(part)] = file_checksum(data)
+        for kind in failure_kinds(pq.read_table(pa.BufferReader(data))):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts, checksums
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """What the index should be: a kind or "auto", and the recall its tuning aims at."""
+
+    type: str = "auto"
+    target_recall: float = 0.95
+    k: int = 8
+
+    @classmethod
+    def carried(cls, previous: GalleryInfo | None, index_type: str | None = None) -> "IndexRequest":
+        """The request of ``previous`` (a change keeps the gallery's choice), or ``index_type``."""
+        index = dict(previous.index) if previous is not None else {}
+        tuning = index.get("tuning") or {}
+        return cls(index_type or index.get("requested") or index.get("type") or "auto",
+                   float(tuning.get("target_recall", 0.95)), int(tuning.get("k", 8)))
+
+
+def commit_generation(
+    layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, files: Sequence[Path],
+    failures: Sequence[Path], request: IndexRequest, missing_from_dataset: int | None,
+    before_commit: Callable[[], None] | None = None, renumber: bool = False, **extra: Any,
 ) -> GalleryInfo:
-    """Index ``scan``, write the index file and commit a new gallery.json (the next generation).
-    The caller then deletes the previous generation's files (``remove_unlisted``).
-    ``before_commit`` runs when every file of the new generation is written (crash tests)."""
-    pipeline = pipeline_description(layout, config, previous)
+    """Index the manifest ``files`` in bounded memory, tune the index, write the generation's
+    files and commit a new gallery.json. The caller then deletes the previous generation's
+    files (``remove_unlisted``). ``before_commit`` runs when every file of the new
+    generation is written (crash tests).
+
+    Memory: the index, the face ids, and a sample of vectors (training, tuning); the parts
+    are read one at a time, twice when the index trains or is tuned."""
     generation = (previous.generation if previous is not None else 0) + 1
-    index, settings = make_index(index_type, scan.vectors, scan.face_ids)
-    index_name, index_checksum = write_index(layout, index, generation)
+    counts = [row_count(f) for f in files]
+    n = int(sum(counts))
+    dim = pq.read_schema(files[0]).field("embedding").type.list_size
+    kind = ann.choose(request.type, n, dim)
+    plan = ann.plan(kind, n, dim)
+    index = ann.new_index(plan)
+    columns = ["face_id", "embedding", *[c for c in META_COLUMNS if c != "face_id"]]
+
+    tune_rows = ann.sample_rows(counts, ann.TUNE_QUERIES, seed=ann.TUNE_SEED) if kind != "flat" else None
+    train_rows = ann.sample_rows(counts, ann.TRAIN_SAMPLE, seed=0) if plan.trains else None
+    queries = np.zeros((0, dim), np.float32)
+    if tune_rows is not None or train_rows is not None:
+        train, tune = [], []
+        for number, part in enumerate(_read_parts(layout, files, previous, ["face_id", "embedding"], renumber)):
+            vectors = embeddings_of(part.table)
+            if train_rows is not None:
+                train.append(vectors[train_rows[number]])
+            if tune_rows is not None:
+                tune.append(vectors[tune_rows[number]])
+        renumber = False  # done in this pass
+        if train_rows is not None:
+            log.info("training %s on %d sampled vectors", kind, sum(len(t) for t in train))
+            try:
+                index.train(np.ascontiguousarray(np.concatenate(train)))
+            except RuntimeError as err:
+                raise GalleryBuildError(f"cannot train a {kind} index on {n} faces ({err}); choose --index flat or hnsw") from err
+        if tune:
+            queries = np.ascontiguousarray(np.concatenate(tune))
+    truth = ann.ExactTopK(queries, request.k)
+
+    meta_name = f"meta-{generation:06d}.arrow"
+    vectors_name = f"vectors-{generation:06d}.f32" if ann.needs_vectors_file(kind) else None
+    meta_tmp = temporary_for(layout.root / meta_name)
+    ids, images, checksums, pending = [], 0, {}, []
+    vectors_file = AtomicFile(layout.root / vectors_name) if vectors_name else None
+    try:
+        with pa.OSFile(str(meta_tmp), "wb") as sink, pa.ipc.new_file(sink, _meta_schema(files[0])) as meta:
+            if vectors_file is not None:
+                vectors_file.__enter__()
+            for part in _read_parts(layout, files, previous, columns, renumber):
+                vectors = embeddings_of(part.table)
+                if vectors.shape[1] != dim:
+                    raise GalleryBuildError(f"{part.path.name} has {vectors.shape[1]}-D embeddings, earlier parts {dim}-D")
+                part_ids = part.table.column("face_id").to_numpy().astype(np.int64)
+                if len(part_ids):
+                    index.add_with_ids(vectors, part_ids)
+                truth.update(part_ids, vectors)
+                pending.append(part.table.select(list(META_COLUMNS)))
+                if sum(t.num_rows for t in pending) >= META_BATCH_ROWS:
+                    meta.write_table(pa.concat_tables(pending).combine_chunks())
+                    pending = []
+                if vectors_file is not None:
+                    vectors_file.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+                ids.append(part_ids)
+                images += len(part.table.column("path").unique())
+                checksums[layout.relative(part.path)] = part.checksum
+            if pending:
+                meta.write_table(pa.concat_tables(pending).combine_chunks())
+            if vectors_file is not None:
+                vectors_file.__exit__(None, None, None)
+        publish(meta_tmp, layout.root / meta_name)
+    except BaseException:
+        if vectors_file is not None and vectors_file.tmp.exists():
+            vectors_file.tmp.unlink()
+        meta_tmp.unlink(missing_ok=True)
+        raise
+    checksums[meta_name] = checksum_of_file(layout.root / meta_name)
+    if vectors_file is not None:
+        checksums[vectors_name] = vectors_file.checksum
+    face_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(face_ids) > 1 and not (np.diff(face_ids) > 0).all():
+        raise GalleryBuildError(f"{layout.root}: face ids are not increasing over the manifest parts")
+
+    settings = ann.default_search_settings(kind, plan.params)
+    tuning = None
+    if len(queries):
+        store = ann.VectorStore(layout.root / vectors_name, dim) if vectors_name else None
+        tuning = ann.tune(kind, index, queries, truth.ids, request.k, request.target_recall, store,
+                          lambda found: np.searchsorted(face_ids, found))
+        settings = tuning.settings
+    index_name, checksums[f"index-{generation:06d}.faiss"] = write_index(layout, index, generation)
     failure_count, failure_checksums = scan_failures(layout, failures, previous)
-    next_id = int(scan.face_ids.max()) + 1 if len(scan.face_ids) else 0
+    stats = ManifestStats(tuple(layout.relative(f) for f in files), face_ids, dim, images, checksums)
+    info = _info(layout, config, previous, stats, failures, failure_count, missing_from_dataset, generation, {
+        "type": kind, "requested": request.type, "file": index_name, "meta": meta_name,
+        **({"vectors": vectors_name} if vectors_name else {}), "faiss_metric": "inner_product", "ids": "face_id",
+        "ntotal": int(index.ntotal), **plan.params, **settings,
+        "tuning": tuning.to_dict() if tuning else {"target_recall": request.target_recall, "k": request.k,
+                                                    "recall": 1.0, "exact": True},
+    }, {**checksums, **failure_checksums}).replace(**extra)
+    if before_commit is not None:
+        before_commit()
+    write_json_atomic(layout.info_file, info.to_json())
+    log.info("built %s index of %d faces (%d-D) in %s, generation %d", kind, index.ntotal, dim, layout.root, generation)
+    return info
+
+
+def _meta_schema(first_part: Path) -> pa.Schema:
+    schema = pq.read_schema(first_part)
+    return pa.schema([schema.field(c) for c in META_COLUMNS])
+
+
+def _info(layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, stats: ManifestStats,
+          failures: Sequence[Path], failure_count: dict[str, int], missing_from_dataset: int | None, generation: int,
+          index: dict[str, Any], checksums: dict[str, str]) -> GalleryInfo:
+    pipeline = pipeline_description(layout, config, previous)
+    next_id = int(stats.face_ids.max()) + 1 if len(stats.face_ids) else 0
     if previous is not None and previous.next_face_id is not None:
         next_id = max(next_id, previous.next_face_id)
     calibration = None
@@ -299,32 +393,25 @@ def assemble_info(
         calibration = previous.calibration  # thresholds belong to the pipeline, which is unchanged
     if previous is not None and "missing_from_dataset" in previous.counts and missing_from_dataset is None:
         missing_from_dataset = previous.counts["missing_from_dataset"]
-    info = GalleryInfo(
+    return GalleryInfo(
         format_version=FORMAT_VERSION,
         generation=generation,
         created=previous.created if previous is not None and previous.created else now(),
         updated=now(),
         versions=_versions(),
         pipeline=pipeline,
-        embedding_dim=scan.dim,
-        index={"type": index_type, "file": index_name, "faiss_metric": "inner_product", "ids": "face_id",
-               "ntotal": int(index.ntotal), **settings},
-        manifest=scan.files,
+        embedding_dim=stats.dim,
+        index=index,
+        manifest=stats.files,
         failures=tuple(layout.relative(p) for p in failures),
         next_face_id=next_id,
-        counts=gallery_counts(scan, failure_count, missing_from_dataset),
+        counts=gallery_counts(stats, failure_count, missing_from_dataset),
         dataset={"root": config.dataset_root, "format": config.format, "split": config.split},
         run=config.to_dict(),
         calibration=calibration,
-        checksums={**scan.checksums, **failure_checksums, index_name: index_checksum},
+        checksums=checksums,
         extra={k: v for k, v in (previous.extra if previous is not None else {}).items()},
-    ).replace(**extra)
-    if before_commit is not None:
-        before_commit()
-    write_json_atomic(layout.info_file, info.to_json())
-    log.info("built %s index of %d faces (%d-D) in %s, generation %d", index_type, index.ntotal, scan.dim,
-             layout.root, generation)
-    return info
+    )
 
 
 def remove_unlisted(layout: GalleryLayout, info: GalleryInfo) -> list[Path]:
@@ -334,7 +421,8 @@ def remove_unlisted(layout: GalleryLayout, info: GalleryInfo) -> list[Path]:
     if info.manifest is None or info.failures is None:
         return []
     keep = {layout.root / name for name in (info.manifest or ()) + (info.failures or ())} | {layout.index_path(info)}
-    candidates = [p for p in layout.root.glob("index*.faiss")]
+    keep |= {layout.root / str(info.index[key]) for key in ("meta", "vectors") if info.index.get(key)}
+    candidates = [*layout.root.glob("index*.faiss"), *layout.root.glob("meta-*.arrow"), *layout.root.glob("vectors-*.f32")]
     for folder in (layout.manifest_dir, layout.failures_dir):
         if folder.is_dir():
             candidates.extend(folder.glob("*.parquet"))
@@ -357,4 +445,4 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-__all__ = ["INDEX_TYPES", "LEGACY_INDEX_FILE", "GalleryBuildError", "apply_index_settings", "build_gallery", "make_index"]
+__all__ = ["INDEX_TYPES", "LEGACY_INDEX_FILE", "GalleryBuildError", "build_gallery", "make_index"]

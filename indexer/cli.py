@@ -12,6 +12,7 @@ from data.readers import FORMATS, SPLIT_CHOICES
 from embedder.pipeline import PipelineConfig
 from embedder.runtime import configure_process
 from facesearch.cli import tool_group
+from facesearch.errors import GalleryError
 from indexer.build import INDEX_TYPES, build_gallery
 from indexer.config import RunConfig
 from indexer.layout import GalleryLayout
@@ -68,7 +69,10 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:
 @click.option("--max-side", type=click.IntRange(min=64), default=None, help="Detect on a copy at most this many pixels a side.")
 @click.option("--max-faces", type=click.IntRange(min=1), default=None, help="Keep at most N faces per image, largest first.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images.")
-@click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True, help="FAISS index type.")
+@click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="auto", show_default=True,
+              help="Index kind: auto (exact when small, then hnsw, ivf, ivf-sq4 by size), or one of them.")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Recall@8 against exact search that tuning aims at; higher is slower per query.")
 @click.option("--embed-in", type=click.Choice(["auto", "main", "workers"]), default="auto", show_default=True,
               help="Where a torch embedder runs: main (batched, GPU), workers (one thread each, CPU).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings in --out.")
@@ -82,7 +86,8 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:
 def run(
     dataset_root: str, fmt: str, gallery_dir: str, split: str, limit: int | None, workers: int | None,
     partition_size: int, detector: str, landmarks: str, embedder_name: str, flip: bool, upsample: str,
-    max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, embed_in: str, overwrite: bool,
+    max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, target_recall: float, embed_in: str,
+    overwrite: bool,
     progress: bool, detector_kv: tuple[str, ...], landmarks_kv: tuple[str, ...], embedder_kv: tuple[str, ...],
 ) -> None:
     """Index every face of a dataset into a gallery directory.
@@ -112,7 +117,7 @@ def run(
         partition_size=partition_size, max_pixels=max_pixels, pipeline=pipeline,
     )
     summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type,
-                        embed_in=embed_in)
+                        embed_in=embed_in, target_recall=target_recall)
     if summary.up_to_date:
         click.echo(f"{summary.gallery_dir} is up to date with its dataset: {summary.images} images, nothing to do")
         return
@@ -125,25 +130,88 @@ def run(
 
 @main.command()
 @click.argument("gallery_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True, help="FAISS index type.")
+@click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default=None,
+              help="Index kind: auto (by size) or one of them [default: the gallery's current choice].")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Recall@k against exact search that tuning aims at.")
+@click.option("-k", "recall_k", type=click.IntRange(1, 1000), default=8, show_default=True, help="The k of recall@k.")
 @click.option("--drop-missing", is_flag=True,
-              help="Build from the manifest files that are there when some are missing (their faces are dropped; "
-                   "face-index sync then re-adds their images from the dataset).")
-def build(gallery_dir: str, index_type: str, drop_missing: bool) -> None:
-    """(Re)build the FAISS index and gallery.json from the manifest.
+              help="Build from the manifest files that are there when some are missing or corrupt (their faces are "
+                   "dropped; face-index sync then re-adds their images from the dataset).")
+def build(gallery_dir: str, index_type: str | None, target_recall: float, recall_k: int, drop_missing: bool) -> None:
+    """(Re)build the index and gallery.json from the manifest, and tune it.
 
     Reads only the Parquet files: no face model is loaded. Refuses when manifest
-    files are missing, naming them, unless --drop-missing.
+    files are missing, naming them, unless --drop-missing. The tuned setting and
+    its measured recall go into gallery.json (see face-index info).
 
     Example:
 
-        face-index build /tmp/gallery --index hnsw
+        face-index build /tmp/gallery --index hnsw --target-recall 0.98
     """
     from indexer.lock import WriterLock
 
     with WriterLock(gallery_dir, "face-index build"):
-        info = build_gallery(gallery_dir, index_type=index_type, drop_missing=drop_missing)
-    click.echo(f"{info.index['ntotal']} faces indexed ({index_type}) in {gallery_dir}, generation {info.generation}")
+        info = build_gallery(gallery_dir, index_type=index_type, drop_missing=drop_missing, target_recall=target_recall,
+                             recall_k=recall_k)
+    click.echo(f"{info.index['ntotal']} faces indexed ({describe_index(info.index)}) in {gallery_dir}, "
+               f"generation {info.generation}")
+
+
+@main.command(name="check-recall")
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+@click.option("--sample", type=click.IntRange(10), default=None, help="Gallery vectors used as queries [default: the build's].")
+@click.option("-k", type=click.IntRange(1, 1000), default=None, help="The k of recall@k [default: the tuned k].")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Which vectors are sampled; the build used 1, so the default reproduces its figure.")
+def check_recall(gallery_dir: str, sample: int | None, k: int | None, seed: int) -> None:
+    """Measure the index's recall@k against exact search now, with its stored settings,
+    on a sample of the gallery's own vectors (the build's, or a fresh one with --seed).
+
+    Example:
+
+        face-index check-recall /tmp/gallery --sample 2000
+    """
+    from search.recall import check_recall as measure
+
+    result = measure(gallery_dir, sample=sample, k=k, seed=seed)
+    click.echo(f"recall@{result['k']} {result['recall']:.4f} on {result['sample']} queries "
+               f"({describe_index(result['index'])}); stored at build: {result['stored_recall']}")
+
+
+@main.command()
+@click.argument("gallery_dir", metavar="GALLERY", type=click.Path(exists=True, file_okay=False))
+def verify(gallery_dir: str) -> None:
+    """Check every file of the gallery against the checksums in gallery.json.
+
+    Opening a gallery checks the files a search reads (index, metadata,
+    vectors); this also reads the manifest and failure parts.
+
+    Example:
+
+        face-index verify /tmp/gallery
+    """
+    from indexer.layout import verify_file
+
+    layout = GalleryLayout(gallery_dir)
+    info = layout.read_info()
+    if not info.checksums:
+        click.echo(f"{gallery_dir} records no checksums (format {info.format_version}); rebuild it to add them")
+        return
+    for name in sorted(info.checksums):
+        try:
+            verify_file(layout, info, layout.root / name)
+        except FileNotFoundError:
+            raise GalleryError(f"{layout.root / name} is missing: restore it, or run face-index build --drop-missing "
+                               f"{layout.root} and then face-index sync {layout.root}") from None
+    click.echo(f"{len(info.checksums)} files match their checksums (generation {info.generation})")
+
+
+def describe_index(index: dict) -> str:
+    settings = ", ".join(f"{key} {index[key]}" for key in ("efSearch", "nprobe", "rerank") if key in index)
+    tuning = index.get("tuning") or {}
+    recall = f", recall@{tuning.get('k')} {tuning.get('recall')}" if tuning.get("recall") is not None else ""
+    return f"{index.get('type')}{': ' + settings if settings else ''}{recall}"
 
 
 @main.command()

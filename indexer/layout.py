@@ -182,6 +182,52 @@ def write_bytes_atomic(path: Path, writer) -> None:  # noqa: ANN001 - writer(tmp
             tmp.unlink()
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Make a fully written temporary file ``path``: fsync it, rename it, fsync the folder."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def temporary_for(path: Path) -> Path:
+    return _tmp_name(path)
+
+
+class AtomicFile:
+    """``with AtomicFile(path) as handle:`` streams into a temporary file that replaces ``path``
+    (fsynced) only when the block ends without an error; ``checksum`` is then set."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = _tmp_name(path)
+        self.checksum: str | None = None
+        self._digest = hashlib.sha256()
+        self._handle: Any = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._digest.update(data)
+        self._handle.write(data)
+
+    def __enter__(self) -> "AtomicFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.tmp, "wb")
+        return self
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            if kind is None:
+                os.replace(self.tmp, self.path)
+                fsync_dir(self.path.parent)
+                self.checksum = "sha256:" + self._digest.hexdigest()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     write_bytes_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
@@ -365,6 +411,28 @@ def file_checksum(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _corrupt(layout: "GalleryLayout", path: Path) -> GalleryCorruptError:
+    repair = (f"face-index build {layout.root} rebuilds it from the manifest" if path.suffix != ".parquet" else
+              f"restore it from a backup, or run face-index build --drop-missing {layout.root} "
+              f"and then face-index sync {layout.root} to re-add its images")
+    return GalleryCorruptError(f"{path} is corrupt (its checksum differs from the one in {GALLERY_FILE}): {repair}")
+
+
+def verify_file(layout: "GalleryLayout", info: GalleryInfo | None, path: Path) -> None:
+    """Check a (large) gallery file against its recorded checksum, reading it in chunks."""
+    expected = info.checksums.get(layout.relative(path)) if info is not None else None
+    if expected is None:
+        if not path.is_file():
+            raise FileNotFoundError(2, "missing", str(path))
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    if "sha256:" + digest.hexdigest() != expected:
+        raise _corrupt(layout, path)
+
+
 def read_verified(layout: "GalleryLayout", info: GalleryInfo | None, path: Path) -> bytes:
     """A gallery file's bytes, checked against the checksum gallery.json records for it
     (format-1 files have none). FileNotFoundError when it is gone; GalleryCorruptError
@@ -373,10 +441,7 @@ def read_verified(layout: "GalleryLayout", info: GalleryInfo | None, path: Path)
     name = layout.relative(path)
     expected = info.checksums.get(name) if info is not None else None
     if expected is not None and file_checksum(data) != expected:
-        repair = (f"face-index build {layout.root} rebuilds it from the manifest" if path.suffix == ".faiss" else
-                  f"restore it from a backup, or run face-index build --drop-missing {layout.root} "
-                  f"and then face-index sync {layout.root} to re-add its images")
-        raise GalleryCorruptError(f"{path} is corrupt (its checksum differs from the one in {GALLERY_FILE}): {repair}")
+        raise _corrupt(layout, path)
     return data
 
 

@@ -39,7 +39,7 @@ from data.readers import is_image_name, read_dataset
 from data.records import DatasetListing, ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
 from facesearch.errors import ConfigurationError, DatasetError, GalleryError, NotFoundError
-from indexer.build import assemble_info, now, remove_unlisted, scan_manifest
+from indexer.build import IndexRequest, commit_generation, now, remove_unlisted
 from indexer.catalog import DatasetDiff, dataset_diff, gallery_images, is_external
 from indexer.config import RunConfig
 from indexer.layout import (
@@ -198,13 +198,11 @@ def _commit(layout: GalleryLayout, info: GalleryInfo, change: _Change, operation
     if faces_removed:
         _delete_derived(layout)
     calibration = _stale_calibration(info, faces_removed)
-    scan = scan_manifest(layout, [layout.root / m for m in manifest], previous=info)
     config = run_config(layout)
-    new_info = assemble_info(
-        layout, config, info, scan, [layout.root / f for f in failures], info.index_type,
-        info.counts.get("missing_from_dataset"), calibration=calibration,
-        next_face_id=max(next_id + len(change.rows), int(scan.face_ids.max()) + 1 if len(scan.face_ids) else 0),
-        before_commit=lambda: _fault_point("before-commit"),
+    new_info = commit_generation(
+        layout, config, info, [layout.root / m for m in manifest], [layout.root / f for f in failures],
+        IndexRequest.carried(info), info.counts.get("missing_from_dataset"), calibration=calibration,
+        before_commit=lambda: _fault_point("before-commit"), next_face_id=next_id + len(change.rows),
     )  # gallery.json is replaced in there: committed
     _fault_point("after-commit")
     remove_unlisted(layout, new_info)

@@ -103,8 +103,9 @@ def run_index(
     overwrite: bool = False,
     progress: bool = True,
     build: bool = True,
-    index_type: str = "flat",
+    index_type: str = "auto",
     embed_in: str = "auto",
+    target_recall: float = 0.95,
 ) -> RunSummary:
     """Index ``config``'s dataset into ``gallery_dir``, resuming an earlier run.
 
@@ -151,7 +152,7 @@ def run_index(
         embed_in = _resolve_embed_in(embed_in, pipeline, workers)
         summary = _map_partitions(layout, config, listing, pipeline, partitions, todo, workers, embed_in, progress)
         if build:
-            build_gallery(layout.root, index_type=index_type, listing=listing)
+            build_gallery(layout.root, index_type=index_type, listing=listing, target_recall=target_recall)
     return summary
 
 

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facesearch.errors import GalleryError, NotFoundError
-from indexer.build import apply_index_settings
+from indexer import ann
 from indexer.catalog import is_external
-from indexer.layout import META_COLUMNS, GalleryInfo, GalleryLayout, embeddings_of, read_tables, read_verified
+from indexer.layout import META_COLUMNS, GalleryInfo, GalleryLayout, embeddings_of, read_tables, read_verified, verify_file
 from search.calibration import Calibration, CalibrationError, gallery_calibration
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,31 @@ __all__ = ["META_COLUMNS", "Gallery", "GalleryError"]
 
 #: how often a load restarts when a writer swaps generations under it
 LOAD_ATTEMPTS = 5
+
+
+def _read_meta(layout: GalleryLayout, info: GalleryInfo) -> pa.Table:
+    """The metadata columns: memory-mapped from the generation's meta-G.arrow (one file, zero
+    copy: opening stays fast at millions of faces), or read from the parts of older galleries."""
+    if info.index.get("meta"):
+        path = layout.root / str(info.index["meta"])
+        verify_file(layout, info, path)
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        except (OSError, pa.ArrowInvalid) as err:
+            raise GalleryError(f"{path} is unreadable: {err}; rebuild with face-index build {layout.root}") from err
+    parts = layout.manifest_files(info)
+    if not parts:
+        raise GalleryError(f"{layout.root} has no manifest partitions")
+    tables = []
+    for part in parts:
+        if not part.is_file():
+            raise FileNotFoundError(2, "missing", str(part))
+        source = pa.BufferReader(read_verified(layout, info, part))
+        try:
+            tables.append(pq.read_table(source, columns=list(META_COLUMNS)))
+        except (OSError, pa.ArrowInvalid) as err:
+            raise GalleryError(f"{part} is unreadable: {err}") from err
+    return pa.concat_tables(tables).combine_chunks()
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +67,7 @@ class Gallery:
     index: Any
     meta: pa.Table
     face_ids: np.ndarray  # sorted ascending, one per meta row
+    store: ann.VectorStore | None = None  # float vectors on disk, for re-ranking compressed indexes
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> "Gallery":
@@ -68,28 +94,15 @@ class Gallery:
         path = layout.root
         info = layout.read_info()
         index_path = layout.index_path(info)
-        if not index_path.is_file():
-            raise FileNotFoundError(2, "missing", str(index_path))
-        data = read_verified(layout, info, index_path)
+        verify_file(layout, info, index_path)
         try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            index = faiss.read_index(str(index_path))
         except RuntimeError as err:
+            if not index_path.is_file():
+                raise FileNotFoundError(2, "missing", str(index_path)) from err
             raise GalleryError(f"{index_path} is not a readable FAISS index: {err}; "
                                f"face-index build {path} rebuilds it from the manifest") from err
-        apply_index_settings(index, dict(info.index))
-        parts = layout.manifest_files(info)
-        if not parts:
-            raise GalleryError(f"{path} has no manifest partitions")
-        tables = []
-        for part in parts:
-            if not part.is_file():
-                raise FileNotFoundError(2, "missing", str(part))
-            source = pa.BufferReader(read_verified(layout, info, part))
-            try:
-                tables.append(pq.read_table(source, columns=list(META_COLUMNS)))
-            except (OSError, pa.ArrowInvalid) as err:
-                raise GalleryError(f"{part} is unreadable: {err}") from err
-        meta = pa.concat_tables(tables).combine_chunks()
+        meta = _read_meta(layout, info)
         dim = info.embedding_dim
         if index.d != dim:
             raise GalleryError(f"{path}: the index is {index.d}-D but gallery.json says {dim}-D; rebuild with face-index build")
@@ -107,10 +120,23 @@ class Gallery:
             gallery_calibration(info.calibration)
         except CalibrationError as err:
             raise GalleryError(f"{layout.info_file}: {err}") from err
-        return cls(directory=path, info=info, index=index, meta=meta, face_ids=ids)
+        store = None
+        if info.index.get("vectors"):
+            vectors_path = layout.root / str(info.index["vectors"])
+            verify_file(layout, info, vectors_path)
+            store = ann.VectorStore(vectors_path, dim)
+            if len(store) != len(ids):
+                raise GalleryError(f"{vectors_path} holds {len(store)} vectors for {len(ids)} faces; "
+                                   f"rebuild with face-index build {path}")
+        return cls(directory=path, info=info, index=index, meta=meta, face_ids=ids, store=store)
 
     def __len__(self) -> int:
         return self.meta.num_rows
+
+    @property
+    def search_settings(self) -> dict[str, Any]:
+        """The tuned per-query settings of the index (efSearch, nprobe, rerank)."""
+        return {key: self.info.index[key] for key in ("efSearch", "nprobe", "rerank") if key in self.info.index}
 
     @property
     def layout(self) -> GalleryLayout:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -11,8 +12,9 @@ import numpy as np
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.types import Face
 from embedder.vectors import l2_normalize
-from search.calibration import Verdict
 from facesearch.errors import ConfigurationError
+from indexer import ann
+from search.calibration import Verdict
 from search.gallery import Gallery, GalleryError
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 #: faiss (1.15) uses BLAS for exact search only from this many queries at once
 #: (its default is 128000), and its scalar loop is ~10x slower below that.
 FAISS_BLAS_THRESHOLD = 16
+#: batches from this many queries use every core; smaller ones one core each (BENCHMARKS.md, issue 13)
+BATCH_THREADS_FROM = 16
 
 
 def configure_faiss() -> None:
@@ -143,7 +147,10 @@ class Searcher:
             return [[] for _ in range(len(queries))]
         if not np.isfinite(queries).all():
             raise ConfigurationError("query vectors contain NaN or infinity")
-        scores, ids = gallery.index.search(l2_normalize(queries), int(min(k, len(gallery))))
+        # a few queries: one core each, no OpenMP start-up or contention; batches: every core
+        threads = 1 if len(queries) < BATCH_THREADS_FROM else (os.cpu_count() or 1)
+        scores, ids = ann.search(gallery.index, gallery.search_settings, l2_normalize(queries), int(min(k, len(gallery))),
+                                 gallery.store, gallery.positions, threads=threads)
         found = ids >= 0
         rows = gallery.positions(np.where(found, ids, gallery.face_ids[0] if len(gallery) else 0))
         meta = gallery.meta
