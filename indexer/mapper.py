@@ -141,7 +141,9 @@ class FaceMapper:
         try:
             image, digest = read_image(os.path.join(self.root, record.path), self.max_pixels)
         except ImageLoadError as err:
-            return PreparedImage(record, (0, 0), (), empty, _failure_record(record, "load", err.reason))
+            return PreparedImage(record, (0, 0), (), empty,
+                                 _failure_record(record, "load", err.reason, content_hash=err.content_hash),
+                                 err.content_hash)
         try:
             detections, crops = self.pipeline.prepare(image)
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure
