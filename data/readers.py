@@ -61,37 +61,44 @@ def not_utf8_reason(rel: str) -> str:
 
 
 class Tree(NamedTuple):
-    """What :func:`scan_tree` found: image files (each real file once, sorted), the paths
-    it did not list, and the listed files it knows cannot be opened (broken symlinks), with why."""
+    """What :func:`scan_tree` found, paths relative to the root as POSIX strings: the image
+    files (each real file once, sorted), the paths not listed (``Skipped``, with a reason),
+    and the listed files known not to open (broken symlinks), with why."""
 
-    files: list[Path]
+    files: list[str]
     skipped: list[Skipped]
-    unopenable: dict[Path, str]
+    unopenable: dict[str, str]
+
+
+def _path_key(rel: str) -> tuple[str, ...]:
+    """Sort key of a relative path: component by component, as pathlib orders paths."""
+    return tuple(rel.split("/"))
 
 
 def _listing(
     tree: Tree, root: Path, format: str, identity_of: Callable[[tuple[str, ...]], str | None],
 ) -> DatasetListing:
-    """The listing of ``tree`` (files below ``root``). A path that is not valid UTF-8 gets
-    its escaped display form and a LOAD_ERROR annotation: the indexer records it as a load
-    failure that says to rename it, and the run goes on; so does a broken symlink."""
+    """The listing of ``tree``. A path that is not valid UTF-8 gets its escaped display form
+    and a LOAD_ERROR annotation, and so does a broken symlink: the indexer records a load
+    failure that says why (and to rename the file), and the run goes on."""
     records: list[ImageRecord] = []
     skipped = list(tree.skipped)
-    rels = {p: p.relative_to(root).as_posix() for p in tree.files}
-    taken = set(rels.values())
-    for path, rel in rels.items():
+    taken = set(tree.files)
+    renamed = False
+    for rel in tree.files:
         shown = display_path(rel)
-        identity = identity_of(tuple(rel.split("/")))
+        identity = identity_of(_path_key(rel))
         identity = display_path(identity) if identity is not None else None
-        problem = tree.unopenable.get(path)
+        problem = tree.unopenable.get(rel)
         if shown != rel:
             if shown in taken:
                 skipped.append(Skipped(shown, SKIP_NAME_CLASH, "another file has this name"))
                 continue
-            problem = not_utf8_reason(rel)
+            problem, renamed = not_utf8_reason(rel), True
         records.append(ImageRecord(path=shown, identity=identity, annotations={LOAD_ERROR: problem} if problem else {}))
-    records.sort(key=lambda r: Path(r.path))
-    skipped.sort(key=lambda s: Path(s.path))
+    if renamed:  # escaped names may sort elsewhere; the listing is sorted by the paths it gives
+        records.sort(key=lambda r: _path_key(r.path))
+    skipped.sort(key=lambda s: _path_key(s.path))
     return DatasetListing(root=str(root), format=format, records=tuple(records), skipped=tuple(skipped))
 
 
@@ -100,7 +107,8 @@ def _listing(
 
 def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
     """The image files below ``top`` (recursive, symlinks followed), each real file once,
-    sorted; and every other path it saw, with the reason it is not listed.
+    sorted; and every other path it saw, with the reason it is not listed. Paths are
+    relative to ``root`` (``top`` or a folder above it).
 
     - A folder reached again through a symlink to one of its own ancestors is a loop: it is
       not entered, is logged as a warning and skipped. A folder reached twice otherwise
@@ -110,95 +118,100 @@ def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
       per identity below ``top``), the same file under two identity folders is two labels
       and is listed under each; images directly in ``top`` have no identity and are skipped.
     - Hidden names (``.*``), unlisted extensions, fifos and sockets, unreadable folders are
-      skipped, each with its reason. Paths in ``Skipped`` are relative to ``root``.
+      skipped, each with its reason.
     - A broken symlink with an image name is listed, in ``unopenable`` with the reason.
     """
-    def rel(path: Path) -> str:
-        return display_path(path.relative_to(root).as_posix())
+    prefix = Path(top).relative_to(root).parts
+
+    def shown(parts: tuple[str, ...]) -> str:
+        return display_path("/".join(prefix + parts) or ".")
 
     try:
         top_stat = os.stat(top)
     except OSError as err:
         raise DatasetError(f"cannot read {display_path(str(top))}: {err.strerror or err}") from err
-    top_key = (top_stat.st_dev, top_stat.st_ino)
     skipped: list[Skipped] = []
-    files: list[tuple[Path, tuple | None]] = []
-    unopenable: dict[Path, str] = {}
-    visited: dict[tuple, Path] = {}
+    files: list[tuple[tuple[str, ...], tuple | None]] = []
+    unopenable: dict[str, str] = {}
+    visited: dict[tuple, tuple[str, ...]] = {}
     # Depth-first, children in name order: folders are visited in the sorted order of their
-    # paths, so "first" means first in sorted order. Items: (folder, its key, ancestors' keys).
-    stack: list[tuple[Path, tuple[int, int], tuple[tuple[int, int], ...]]] = [(top, top_key, ())]
+    # paths, so "first" means first in sorted order. Items: (folder, its parts below top,
+    # its (st_dev, st_ino), its ancestors' keys).
+    Key = tuple[int, int]
+    stack: list[tuple[str, tuple[str, ...], Key, tuple[Key, ...]]] = [
+        (os.fspath(top), (), (top_stat.st_dev, top_stat.st_ino), ()),
+    ]
     while stack:
-        folder, key, ancestors = stack.pop()
-        depth = len(folder.relative_to(top).parts)
-        group = folder.relative_to(top).parts[0] if by_identity and depth else None
+        folder, parts, key, ancestors = stack.pop()
+        group = parts[0] if by_identity and parts else None
         if key in ancestors:
-            log.warning("symlink loop at %s: it leads back to a folder above it; not followed", display_path(str(folder)))
-            skipped.append(Skipped(rel(folder), SKIP_LOOP, "leads back to a folder above it"))
+            log.warning("symlink loop at %s: it leads back to a folder above it; not followed", display_path(folder))
+            skipped.append(Skipped(shown(parts), SKIP_LOOP, "leads back to a folder above it"))
             continue
         if (group, key) in visited:
-            skipped.append(Skipped(rel(folder), SKIP_SAME_FOLDER, rel(visited[(group, key)]) or "."))
+            skipped.append(Skipped(shown(parts), SKIP_SAME_FOLDER, shown(visited[(group, key)])))
             continue
-        visited[(group, key)] = folder
+        visited[(group, key)] = parts
         try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
+            with os.scandir(folder) as found:
+                entries = sorted(found, key=lambda e: e.name)
         except OSError as err:
-            if folder == top:
-                raise DatasetError(f"cannot read {display_path(str(top))}: {err.strerror or err}") from err
-            log.warning("cannot read folder %s (%s): its images are not listed", display_path(str(folder)),
+            if not parts:
+                raise DatasetError(f"cannot read {display_path(folder)}: {err.strerror or err}") from err
+            log.warning("cannot read folder %s (%s): its images are not listed", display_path(folder),
                         err.strerror or err)
-            skipped.append(Skipped(rel(folder), SKIP_UNREADABLE, err.strerror or str(err)))
+            skipped.append(Skipped(shown(parts), SKIP_UNREADABLE, err.strerror or str(err)))
             continue
         subfolders = []
         for entry in entries:
-            path = folder / entry.name
+            name = entry.name
+            here = parts + (name,)
             try:
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
-            if entry.name.startswith("."):
-                skipped.append(Skipped(rel(path), SKIP_HIDDEN, "folder" if is_dir else "file"))
+            if name.startswith("."):
+                skipped.append(Skipped(shown(here), SKIP_HIDDEN, "folder" if is_dir else "file"))
                 continue
             if is_dir:
                 try:
                     info = entry.stat()
                 except OSError as err:
-                    skipped.append(Skipped(rel(path), SKIP_UNREADABLE, err.strerror or str(err)))
+                    skipped.append(Skipped(shown(here), SKIP_UNREADABLE, err.strerror or str(err)))
                     continue
-                subfolders.append((path, (info.st_dev, info.st_ino), ancestors + (key,)))
+                subfolders.append((entry.path, here, (info.st_dev, info.st_ino), ancestors + (key,)))
                 continue
-            if not is_image_name(entry.name):
-                skipped.append(Skipped(rel(path), SKIP_NOT_IMAGE, _extension(entry.name)))
+            if not is_image_name(name):
+                skipped.append(Skipped(shown(here), SKIP_NOT_IMAGE, _extension(name)))
                 continue
             try:
                 info = entry.stat()
             except OSError as err:  # a broken symlink: listed, and its load failure says why
-                unopenable[path] = _broken_link_reason(path, err)
-                files.append((path, None))
+                unopenable["/".join(prefix + here)] = _broken_link_reason(entry.path, err)
+                files.append((here, None))
                 continue
             if not stat.S_ISREG(info.st_mode):
-                skipped.append(Skipped(rel(path), SKIP_NOT_REGULAR, "not a regular file"))
+                skipped.append(Skipped(shown(here), SKIP_NOT_REGULAR, "not a regular file"))
                 continue
-            if by_identity and depth == 0:
-                skipped.append(Skipped(rel(path), SKIP_NO_IDENTITY, "not in an identity folder"))
+            if by_identity and not parts:
+                skipped.append(Skipped(shown(here), SKIP_NO_IDENTITY, "not in an identity folder"))
                 continue
-            files.append((path, (group, info.st_dev, info.st_ino)))
+            files.append((here, (group, info.st_dev, info.st_ino)))
         stack.extend(reversed(subfolders))
     files.sort(key=lambda item: item[0])
-    first: dict[tuple, Path] = {}
-    kept: list[Path] = []
-    for path, file_key in files:
-        if file_key is not None and file_key in first:
-            skipped.append(Skipped(rel(path), SKIP_DUPLICATE, rel(first[file_key])))
-            continue
+    first: dict[tuple, tuple[str, ...]] = {}
+    kept: list[str] = []
+    for parts, file_key in files:
         if file_key is not None:
-            first[file_key] = path
-        kept.append(path)
+            if file_key in first:
+                skipped.append(Skipped(shown(parts), SKIP_DUPLICATE, shown(first[file_key])))
+                continue
+            first[file_key] = parts
+        kept.append("/".join(prefix + parts))
     return Tree(kept, skipped, unopenable)
 
 
-def _broken_link_reason(path: Path, err: OSError) -> str:
+def _broken_link_reason(path: str, err: OSError) -> str:
     try:
         target = display_path(os.readlink(path))
     except OSError:
