@@ -81,8 +81,8 @@ _SKIP_PHRASES = {  # (one, many)
 }
 
 
-def skipped_summary(skipped: Iterable[Skipped]) -> str:
-    """One line: ``skipped 3 paths: 2 not images by extension (.txt, none), 1 unreadable folder``."""
+def skipped_summary(skipped: Iterable[Skipped], where: str = "") -> str:
+    """One line: ``skipped 3 paths [below WHERE]: 2 not images by extension (.txt, none), 1 unreadable folder``."""
     entries = list(skipped)
     counts = Counter(s.reason for s in entries)
     parts = []
@@ -94,7 +94,8 @@ def skipped_summary(skipped: Iterable[Skipped]) -> str:
             text += f" ({', '.join(extensions[:8])}{', ...' if len(extensions) > 8 else ''})"
         parts.append(text)
     noun = "path" if len(entries) == 1 else "paths"
-    return f"skipped {len(entries)} {noun}: {', '.join(parts)}" if entries else "skipped nothing"
+    below = f" below {where}" if where else ""
+    return f"skipped {len(entries)} {noun}{below}: {', '.join(parts)}" if entries else f"skipped nothing{below}"
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,8 @@ def log_skipped(listing: DatasetListing) -> None:
     if not listing.skipped:
         return
     problem = any(s.reason in SKIP_PROBLEMS for s in listing.skipped)
-    log.log(logging.WARNING if problem else logging.INFO, "%s in %s%s", skipped_summary(listing.skipped),
-            listing.root, " (face-index -v lists each)" if len(listing.skipped) > 1 else f": {listing.skipped[0].path}")
+    log.log(logging.WARNING if problem else logging.INFO, "%s%s", skipped_summary(listing.skipped, listing.root),
+            "; face-index -v lists each" if len(listing.skipped) > 1 else f" ({listing.skipped[0].path})")
     for entry in listing.skipped:
         log.debug("skipped %s: %s (%s)", entry.path, entry.reason, entry.detail)
 
