@@ -91,6 +91,15 @@ def test_bad_inputs_corpus_indexes_as_expected_and_reruns_cleanly(tmp_path):
     assert sync.returncode == 0, sync.stderr[-3000:]
     assert "dataset: 0 new, 0 vanished, 0 changed" in sync.stdout
 
+    # An interrupted run resumes past the partition that holds the name that is not UTF-8.
+    assert "bad\\xff.jpg" in pq.read_table(gallery / "failures" / "part-00000.parquet").column("path").to_pylist()
+    for leftover in [gallery / "gallery.json", gallery / "manifest" / "part-00002.parquet", *gallery.glob("index*")]:
+        leftover.unlink()
+    resumed = _face_index(*command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: 2 of 3 partitions already done" in resumed.stderr
+    assert pq.read_table(gallery / "manifest").to_pydict()["path"] == manifest["path"]
+
 
 def test_mapper_records_a_load_failure_without_opening_the_file(tmp_path):
     record = ImageRecord("gone\\xff.jpg", annotations={LOAD_ERROR: "file name is not valid UTF-8 (shown with \\x escapes)"})
