@@ -137,9 +137,8 @@ def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
     # Depth-first, children in name order: folders are visited in the sorted order of their
     # paths, so "first" means first in sorted order. Items: (folder, its parts below top,
     # its (st_dev, st_ino), its ancestors' keys).
-    Key = tuple[int, int]
-    stack: list[tuple[str, tuple[str, ...], Key, tuple[Key, ...]]] = [
-        (os.fspath(top), (), (top_stat.st_dev, top_stat.st_ino), ()),
+    stack: list[tuple[str, tuple[str, ...], tuple, tuple[tuple, ...]]] = [
+        (os.fspath(top), (), _identity(top_stat, ()), ()),
     ]
     while stack:
         folder, parts, key, ancestors = stack.pop()
@@ -179,7 +178,7 @@ def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
                 except OSError as err:
                     skipped.append(Skipped(shown(here), SKIP_UNREADABLE, err.strerror or str(err)))
                     continue
-                subfolders.append((entry.path, here, (info.st_dev, info.st_ino), ancestors + (key,)))
+                subfolders.append((entry.path, here, _identity(info, here), ancestors + (key,)))
                 continue
             if not is_image_name(name):
                 skipped.append(Skipped(shown(here), SKIP_NOT_IMAGE, _extension(name)))
@@ -196,7 +195,7 @@ def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
             if by_identity and not parts:
                 skipped.append(Skipped(shown(here), SKIP_NO_IDENTITY, "not in an identity folder"))
                 continue
-            files.append((here, (group, info.st_dev, info.st_ino)))
+            files.append((here, (group, _identity(info, here))))
         stack.extend(reversed(subfolders))
     files.sort(key=lambda item: item[0])
     first: dict[tuple, tuple[str, ...]] = {}
@@ -209,6 +208,12 @@ def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
             first[file_key] = parts
         kept.append("/".join(prefix + parts))
     return Tree(kept, skipped, unopenable)
+
+
+def _identity(info: os.stat_result, parts: tuple[str, ...]) -> tuple:
+    """What makes a file or folder the same one whatever the path: (st_dev, st_ino). A file
+    system without inode numbers (st_ino 0) cannot tell: there the path is the identity."""
+    return (info.st_dev, info.st_ino) if info.st_ino else ("path", parts)
 
 
 def _broken_link_reason(path: str, err: OSError) -> str:
