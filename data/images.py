@@ -5,14 +5,18 @@ array of shape (H, W, 3), or raises :class:`ImageLoadError` with a short
 reason. It applies the EXIF orientation, converts grayscale, palette, RGBA,
 CMYK and 16-bit images, and refuses images whose header declares more pixels
 than a limit (decompression bombs) before decoding them.
+
+AVIF is Pillow's own; HEIC/HEIF needs pillow-heif, whose opener is registered
+the first time a HEIF file is decoded (not at import).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import struct
 import os
+import struct
+import threading
 import warnings
 from typing import BinaryIO
 
@@ -31,16 +35,46 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageLoadError(ImageError):
-    """An image could not be turned into pixels. ``reason`` says why, briefly."""
+    """An image could not be turned into pixels. ``reason`` says why, briefly.
+    ``content_hash``: the file's hash when its bytes were read (corrupt, truncated, ...)."""
 
-    def __init__(self, reason: str, path: str | None = None) -> None:
+    def __init__(self, reason: str, path: str | None = None, content_hash: str | None = None) -> None:
         super().__init__(reason)
         self.path = path
+        self.content_hash = content_hash
         self.args = (f"{path}: {reason}" if path else reason,)
 
 
 class ImageTooLargeError(ImageLoadError):
     """The image declares more pixels than allowed (refused before decoding)."""
+
+
+#: ISO-BMFF ``ftyp`` brands of HEIF images with HEVC (iPhone photos) and of the HEIF container.
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"})
+_heif_lock = threading.Lock()
+_heif_registered = False
+
+
+def is_heif(head: bytes) -> bool:
+    """Whether the first 12 bytes of a file are a HEIF ``ftyp`` box (AVIF's brands are not)."""
+    return len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF through pillow-heif (once per process).
+    ImageLoadError when pillow-heif is not installed."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    with _heif_lock:
+        if _heif_registered:
+            return
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError as err:
+            raise ImageLoadError("HEIC/HEIF image, but pillow-heif is not installed (pip install pillow-heif)") from err
+        register_heif_opener()
+        _heif_registered = True
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -71,19 +105,22 @@ def file_hash(data: bytes) -> str:
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Like :func:`load_image`, also returning the file's content hash (one read of the file)."""
+    """Like :func:`load_image`, also returning the file's content hash (one read of the file).
+    An ImageLoadError for a file that could be read carries its hash too, so that a gallery
+    can tell when a broken file was replaced."""
     path_str = os.fspath(path)
     try:
         with open(path_str, "rb") as handle:
             data = handle.read()
     except OSError as err:
         raise ImageLoadError(f"cannot read file: {err.strerror or err}", path_str) from err
+    digest = file_hash(data)
     if not data:
-        raise ImageLoadError("empty file (0 bytes)", path_str)
+        raise ImageLoadError("empty file (0 bytes)", path_str, digest)
     try:
-        return _decode(io.BytesIO(data), max_pixels), file_hash(data)
+        return _decode(io.BytesIO(data), max_pixels), digest
     except ImageLoadError as err:
-        raise type(err)(err.reason, path_str) from err
+        raise type(err)(err.reason, path_str, digest) from err
 
 
 def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -94,6 +131,10 @@ def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
 
 
 def _decode(stream: BinaryIO, max_pixels: int) -> np.ndarray:
+    head = stream.read(12)
+    stream.seek(0)
+    if is_heif(head):
+        register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from data.records import DatasetListing, ImageRecord
+from data.records import (
+    LOAD_ERROR, SKIP_DUPLICATE, SKIP_HIDDEN, SKIP_LOOP, SKIP_NAME_CLASH, SKIP_NO_IDENTITY, SKIP_NOT_IMAGE,
+    SKIP_NOT_REGULAR, SKIP_SAME_FOLDER, SKIP_UNREADABLE, DatasetListing, ImageRecord, Skipped,
+)
 from facesearch.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif",
+     ".heic", ".heif", ".avif"}
 )
 CELEBA_SPLITS = {"0": "train", "1": "val", "2": "test"}
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -27,17 +32,196 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(root: Path) -> list[Path]:
-    """All image files below ``root`` (recursive, symlinks followed), sorted."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if is_image_name(f))
-    return sorted(found)
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "none"
 
 
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+# --------------------------------------------------------------------------- file names
+
+
+def display_path(path: str) -> str:
+    """``path`` as valid UTF-8. A name that is not UTF-8 reaches Python with surrogate
+    escapes (os.fsdecode); its undecodable bytes become ``\\xNN`` here: the same text on
+    every run, so resume and sync see the same path, and Parquet can store it."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system name gives; never lose the rest
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def not_utf8_reason(rel: str) -> str:
+    """Why a record whose path is not UTF-8 cannot be indexed as it is named."""
+    what = "file" if display_path(os.path.basename(rel)) != os.path.basename(rel) else "folder"
+    return f"{what} name is not valid UTF-8 (shown with \\x escapes); rename the {what}"
+
+
+class Tree(NamedTuple):
+    """What :func:`scan_tree` found, paths relative to the root as POSIX strings: the image
+    files (each real file once, sorted), the paths not listed (``Skipped``, with a reason),
+    and the listed files known not to open (broken symlinks), with why."""
+
+    files: list[str]
+    skipped: list[Skipped]
+    unopenable: dict[str, str]
+
+
+def _path_key(rel: str) -> tuple[str, ...]:
+    """Sort key of a relative path: component by component, as pathlib orders paths."""
+    return tuple(rel.split("/"))
+
+
+def _listing(
+    tree: Tree, root: Path, format: str, identity_of: Callable[[tuple[str, ...]], str | None],
+) -> DatasetListing:
+    """The listing of ``tree``. A path that is not valid UTF-8 gets its escaped display form
+    and a LOAD_ERROR annotation, and so does a broken symlink: the indexer records a load
+    failure that says why (and to rename the file), and the run goes on."""
+    records: list[ImageRecord] = []
+    skipped = list(tree.skipped)
+    taken = set(tree.files)
+    renamed = False
+    for rel in tree.files:
+        shown = display_path(rel)
+        identity = identity_of(_path_key(rel))
+        identity = display_path(identity) if identity is not None else None
+        problem = tree.unopenable.get(rel)
+        if shown != rel:
+            if shown in taken:
+                skipped.append(Skipped(shown, SKIP_NAME_CLASH, "another file has this name"))
+                continue
+            problem, renamed = not_utf8_reason(rel), True
+        records.append(ImageRecord(path=shown, identity=identity, annotations={LOAD_ERROR: problem} if problem else {}))
+    if renamed:  # escaped names may sort elsewhere; the listing is sorted by the paths it gives
+        records.sort(key=lambda r: _path_key(r.path))
+    skipped.sort(key=lambda s: _path_key(s.path))
+    return DatasetListing(root=str(root), format=format, records=tuple(records), skipped=tuple(skipped))
+
+
+# --------------------------------------------------------------------------- walking
+
+
+def scan_tree(top: Path, root: Path, by_identity: bool = False) -> Tree:
+    """The image files below ``top`` (recursive, symlinks followed), each real file once,
+    sorted; and every other path it saw, with the reason it is not listed. Paths are
+    relative to ``root`` (``top`` or a folder above it).
+
+    - A folder reached again through a symlink to one of its own ancestors is a loop: it is
+      not entered, is logged as a warning and skipped. A folder reached twice otherwise
+      (two symlinks to one folder) is listed the first time, in sorted order.
+    - A file reached through several paths (symlinks, hard links: one (st_dev, st_ino)) is
+      listed once, under its first path in sorted order. With ``by_identity`` (one folder
+      per identity below ``top``), the same file under two identity folders is two labels
+      and is listed under each; images directly in ``top`` have no identity and are skipped.
+    - Hidden names (``.*``), unlisted extensions, fifos and sockets, unreadable folders are
+      skipped, each with its reason.
+    - A broken symlink with an image name is listed, in ``unopenable`` with the reason.
+    """
+    prefix = Path(top).relative_to(root).parts
+
+    def shown(parts: tuple[str, ...]) -> str:
+        return display_path("/".join(prefix + parts) or ".")
+
+    try:
+        top_stat = os.stat(top)
+    except OSError as err:
+        raise DatasetError(f"cannot read {display_path(str(top))}: {err.strerror or err}") from err
+    skipped: list[Skipped] = []
+    files: list[tuple[tuple[str, ...], tuple | None]] = []
+    unopenable: dict[str, str] = {}
+    visited: dict[tuple, tuple[str, ...]] = {}
+    # Depth-first, children in name order: folders are visited in the sorted order of their
+    # paths, so "first" means first in sorted order. Items: (folder, its parts below top,
+    # its (st_dev, st_ino), its ancestors' keys).
+    stack: list[tuple[str, tuple[str, ...], tuple, tuple[tuple, ...]]] = [
+        (os.fspath(top), (), _identity(top_stat, ()), ()),
+    ]
+    while stack:
+        folder, parts, key, ancestors = stack.pop()
+        group = parts[0] if by_identity and parts else None
+        if key in ancestors:
+            log.warning("symlink loop at %s: it leads back to a folder above it; not followed", display_path(folder))
+            skipped.append(Skipped(shown(parts), SKIP_LOOP, "leads back to a folder above it"))
+            continue
+        if (group, key) in visited:
+            skipped.append(Skipped(shown(parts), SKIP_SAME_FOLDER, shown(visited[(group, key)])))
+            continue
+        visited[(group, key)] = parts
+        try:
+            with os.scandir(folder) as found:
+                entries = sorted(found, key=lambda e: e.name)
+        except OSError as err:
+            if not parts:
+                raise DatasetError(f"cannot read {display_path(folder)}: {err.strerror or err}") from err
+            log.warning("cannot read folder %s (%s): its images are not listed", display_path(folder),
+                        err.strerror or err)
+            skipped.append(Skipped(shown(parts), SKIP_UNREADABLE, err.strerror or str(err)))
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
+            here = parts + (name,)
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if name.startswith("."):
+                skipped.append(Skipped(shown(here), SKIP_HIDDEN, "folder" if is_dir else "file"))
+                continue
+            if is_dir:
+                try:
+                    info = entry.stat()
+                except OSError as err:
+                    skipped.append(Skipped(shown(here), SKIP_UNREADABLE, err.strerror or str(err)))
+                    continue
+                subfolders.append((entry.path, here, _identity(info, here), ancestors + (key,)))
+                continue
+            if not is_image_name(name):
+                skipped.append(Skipped(shown(here), SKIP_NOT_IMAGE, _extension(name)))
+                continue
+            try:
+                info = entry.stat()
+            except OSError as err:  # a broken symlink: listed, and its load failure says why
+                unopenable["/".join(prefix + here)] = _broken_link_reason(entry.path, err)
+                files.append((here, None))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                skipped.append(Skipped(shown(here), SKIP_NOT_REGULAR, "not a regular file"))
+                continue
+            if by_identity and not parts:
+                skipped.append(Skipped(shown(here), SKIP_NO_IDENTITY, "not in an identity folder"))
+                continue
+            files.append((here, (group, _identity(info, here))))
+        stack.extend(reversed(subfolders))
+    files.sort(key=lambda item: item[0])
+    first: dict[tuple, tuple[str, ...]] = {}
+    kept: list[str] = []
+    for parts, file_key in files:
+        if file_key is not None:
+            if file_key in first:
+                skipped.append(Skipped(shown(parts), SKIP_DUPLICATE, shown(first[file_key])))
+                continue
+            first[file_key] = parts
+        kept.append("/".join(prefix + parts))
+    return Tree(kept, skipped, unopenable)
+
+
+def _identity(info: os.stat_result, parts: tuple[str, ...]) -> tuple:
+    """What makes a file or folder the same one whatever the path: (st_dev, st_ino). A file
+    system without inode numbers (st_ino 0) cannot tell: there the path is the identity."""
+    return (info.st_dev, info.st_ino) if info.st_ino else ("path", parts)
+
+
+def _broken_link_reason(path: str, err: OSError) -> str:
+    try:
+        target = display_path(os.readlink(path))
+    except OSError:
+        return f"cannot read file: {err.strerror or err}"
+    return f"broken symlink to {target} ({err.strerror or err})"
 
 
 # --------------------------------------------------------------------------- CelebA
@@ -149,18 +333,20 @@ def read_celeba(root: str | os.PathLike[str], split: str = "all", images: str = 
                 annotations=annotations,
             )
         )
-    unlabelled = len(on_disk - set(identities))
+    unlabelled = sorted(on_disk - set(identities))
     if missing:
         log.warning(
             "CelebA root %s: %d of %d annotated images (split=%s) are missing on disk, e.g. %s; "
             "indexing the %d present",
             root_path, len(missing), len(missing) + len(records), split, missing[0], len(records),
         )
-    if unlabelled:
-        log.info("CelebA root %s: %d files in %s/ have no identity and are skipped", root_path, unlabelled, image_dir.name)
+    skipped = tuple(
+        Skipped(display_path(f"{image_dir.name}/{name}"), SKIP_NO_IDENTITY, f"not in {identity_file.name}")
+        for name in unlabelled
+    )
     return DatasetListing(
         root=str(root_path), format="celeba", records=tuple(records),
-        missing=len(missing), missing_examples=tuple(missing[:5]),
+        missing=len(missing), missing_examples=tuple(missing[:5]), skipped=skipped,
     )
 
 
@@ -182,11 +368,9 @@ def read_lfw(root: str | os.PathLike[str]) -> DatasetListing:
     """Read LFW (``<Name>/<Name>_NNNN.jpg``); identity is the name."""
     root_path = Path(root)
     image_dir = lfw_image_dir(root_path)
-    records = []
-    for person in sorted(entry.name for entry in os.scandir(image_dir) if entry.is_dir()):
-        for path in walk_images(image_dir / person):
-            records.append(ImageRecord(path=_rel(path, root_path), identity=person))
-    return DatasetListing(root=str(root_path), format="lfw", records=tuple(records))
+    depth = len(image_dir.relative_to(root_path).parts)
+    tree = scan_tree(image_dir, root_path, by_identity=True)
+    return _listing(tree, root_path, "lfw", lambda parts: parts[depth])
 
 
 def lfw_pair_path(name: str, number: int) -> str:
@@ -202,14 +386,11 @@ def read_folders(root: str | os.PathLike[str]) -> DatasetListing:
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatasetError(f"{root_path} is not a folder")
-    records = []
-    for person in sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith(".")):
-        for path in walk_images(root_path / person):
-            records.append(ImageRecord(path=_rel(path, root_path), identity=person))
-    loose = [e.name for e in os.scandir(root_path) if e.is_file() and is_image_name(e.name)]
+    listing = _listing(scan_tree(root_path, root_path, by_identity=True), root_path, "folders", lambda parts: parts[0])
+    loose = sum(1 for s in listing.skipped if s.reason == SKIP_NO_IDENTITY)
     if loose:
-        log.warning("%d images directly in %s have no identity folder and are skipped", len(loose), root_path)
-    return DatasetListing(root=str(root_path), format="folders", records=tuple(records))
+        log.warning("%d images directly in %s have no identity folder and are skipped", loose, root_path)
+    return listing
 
 
 def read_folder(root: str | os.PathLike[str]) -> DatasetListing:
@@ -219,8 +400,7 @@ def read_folder(root: str | os.PathLike[str]) -> DatasetListing:
         raise DatasetError(f"{root_path} is a file; give the folder that holds the images")
     if not root_path.is_dir():
         raise DatasetError(f"{root_path} is not a folder")
-    records = tuple(ImageRecord(path=_rel(p, root_path)) for p in walk_images(root_path))
-    return DatasetListing(root=str(root_path), format="folder", records=records)
+    return _listing(scan_tree(root_path, root_path), root_path, "folder", lambda parts: None)
 
 
 FORMATS: dict[str, Callable[..., DatasetListing]] = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from data.images import file_hash
-from data.records import DatasetListing, ImageRecord
+from data.records import LOAD_ERROR, DatasetListing, ImageRecord
 from indexer.layout import GalleryInfo, GalleryLayout, read_tables
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def dataset_diff(images: Mapping[str, str | None], listing: DatasetListing, hash
                 continue
             stored = ours[path]
             if stored is None:
-                unhashed += 1
+                if not record.annotations.get(LOAD_ERROR):  # those are never opened: no hash to compare
+                    unhashed += 1
                 continue
             if read_hash(listing.root, path) != stored:
                 changed.append(record)

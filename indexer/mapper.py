@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from data.images import ImageLoadError, read_image
-from data.records import ImageRecord
+from data.records import LOAD_ERROR, ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.runtime import configure_process
 from embedder.types import Detection, Face
@@ -135,10 +135,15 @@ class FaceMapper:
 
     def _prepare_one(self, record: ImageRecord) -> PreparedImage:
         empty = np.zeros((0, 1, 1, 3), np.uint8)
+        if record.annotations.get(LOAD_ERROR):  # the reader knows it cannot be opened (name not UTF-8, broken link)
+            return PreparedImage(record, (0, 0), (), empty,
+                                 _failure_record(record, "load", str(record.annotations[LOAD_ERROR])))
         try:
             image, digest = read_image(os.path.join(self.root, record.path), self.max_pixels)
         except ImageLoadError as err:
-            return PreparedImage(record, (0, 0), (), empty, _failure_record(record, "load", err.reason))
+            return PreparedImage(record, (0, 0), (), empty,
+                                 _failure_record(record, "load", err.reason, content_hash=err.content_hash),
+                                 err.content_hash)
         try:
             detections, crops = self.pipeline.prepare(image)
         except Exception as err:  # noqa: BLE001 - recorded as the image's failure

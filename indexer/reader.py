@@ -6,6 +6,7 @@ dataset's sorted listing, so a rerun recomputes exactly the same partitions.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from data.readers import read_dataset
@@ -30,10 +31,7 @@ def partition_name(index: int) -> str:
 def read_listing(config: RunConfig) -> DatasetListing:
     listing = read_dataset(config.dataset_root, config.format, split=config.split)
     if config.limit is not None:
-        listing = DatasetListing(
-            root=listing.root, format=listing.format, records=listing.records[: config.limit],
-            missing=listing.missing, missing_examples=listing.missing_examples,
-        )
+        listing = dataclasses.replace(listing, records=listing.records[: config.limit])
     return listing
 
 

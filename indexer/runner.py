@@ -23,7 +23,7 @@ from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import pyarrow.parquet as pq
 
-from data.records import DatasetListing, ImageRecord
+from data.records import SKIP_PROBLEMS, DatasetListing, ImageRecord, skipped_summary
 from embedder.pipeline import FacePipeline
 from facesearch.errors import ConfigurationError, GalleryError
 from indexer.build import build_gallery
@@ -65,6 +65,7 @@ class RunSummary:
     failures_written: int
     seconds: float
     up_to_date: bool = False  # a built gallery that already matched its dataset: nothing was done
+    skipped: int = 0  # paths below the dataset root that the reader did not list (DatasetListing.skipped)
 
     @property
     def images_per_second(self) -> float:
@@ -128,6 +129,7 @@ def run_index(
     pipeline = FacePipeline(config.pipeline)
     config = dataclasses.replace(config, pipeline=pipeline.resolved_config())
     listing = read_listing(config)
+    log_skipped(listing)
     if not listing.records:
         raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
     layout = GalleryLayout(Path(gallery_dir))
@@ -151,6 +153,7 @@ def run_index(
         )
         embed_in = _resolve_embed_in(embed_in, pipeline, workers)
         summary = _map_partitions(layout, config, listing, pipeline, partitions, todo, workers, embed_in, progress)
+        summary = dataclasses.replace(summary, skipped=len(listing.skipped))
         if build:
             build_gallery(layout.root, index_type=index_type, listing=listing, target_recall=target_recall)
     return summary
@@ -198,7 +201,20 @@ def _check_built(layout: GalleryLayout, listing: DatasetListing) -> RunSummary:
         )
     log.info("%s is up to date with its dataset (%d images, %d faces)", layout.root, len(listing.records),
              info.counts.get("faces", 0))
-    return RunSummary(str(layout.root), len(listing.records), 0, 0, 0, 0, 0, 0, 0.0, up_to_date=True)
+    return RunSummary(str(layout.root), len(listing.records), 0, 0, 0, 0, 0, 0, 0.0, up_to_date=True,
+                      skipped=len(listing.skipped))
+
+
+def log_skipped(listing: DatasetListing) -> None:
+    """One line for what the reader did not list (a warning when something is wrong on disk:
+    a symlink loop, an unreadable folder), then each path at debug level."""
+    if not listing.skipped:
+        return
+    problem = any(s.reason in SKIP_PROBLEMS for s in listing.skipped)
+    log.log(logging.WARNING if problem else logging.INFO, "%s%s", skipped_summary(listing.skipped, listing.root),
+            "; face-index -v lists each" if len(listing.skipped) > 1 else f" ({listing.skipped[0].path})")
+    for entry in listing.skipped:
+        log.debug("skipped %s: %s (%s)", entry.path, entry.reason, entry.detail)
 
 
 def _check_done_partitions(layout: GalleryLayout, partitions: Sequence[Partition]) -> set[str]:

@@ -148,3 +148,30 @@ def test_index_run_over_bad_inputs_completes_and_loses_nothing(bad_inputs, tmp_p
         elif outcome == "no_face":
             assert failed[name] == ("detect", "no face found")
     assert manifest["face_id"] == list(range(len(manifest["face_id"])))
+
+
+def test_heic_and_avif_decode_to_the_same_face(tmp_path):
+    from tests.bad_inputs import heic_bytes
+
+    face = _face_rgb()
+    image = Image.fromarray(face)
+    (tmp_path / "face.heic").write_bytes(heic_bytes(image))
+    image.save(tmp_path / "face.avif", quality=90)
+    for name in ("face.heic", "face.avif"):
+        decoded = load_image(tmp_path / name)
+        assert decoded.shape == face.shape and decoded.dtype == np.uint8
+        assert np.abs(decoded.astype(int) - face.astype(int)).mean() < 6, name
+
+
+def test_heic_without_pillow_heif_is_a_clear_image_error(monkeypatch, tmp_path):
+    import sys
+
+    import data.images as images
+    from facesearch.errors import ImageError
+    from tests.bad_inputs import heic_bytes
+
+    data = heic_bytes(Image.fromarray(_face_rgb()))
+    monkeypatch.setattr(images, "_heif_registered", False)
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # import pillow_heif now raises ImportError
+    with pytest.raises(ImageError, match="pillow-heif is not installed"):
+        load_image_bytes(data)
