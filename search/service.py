@@ -689,8 +689,8 @@ def add_write_routes(app, state: ServiceState, settings: ServiceSettings, auth: 
     from indexer.lifecycle import enroll_image, remove_faces
 
     async def change(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        async with state.writer:
-            result = await asyncio.to_thread(lambda: fn(*args, **kwargs))
+        async with state.writer:  # in a search thread, whose models are loaded (enrolment embeds the photo)
+            result = await state.run(functools.partial(fn, *args, **kwargs))
         await asyncio.to_thread(state.live().refresh)  # answer later requests from the new generation
         return result
 
