@@ -7,6 +7,7 @@ detect (boxes) -> landmarks (5 points) -> align (crop the embedder declares)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -136,6 +137,32 @@ class FacePipeline:
             return [np.zeros((0, self.dim), dtype=np.float32) for _ in groups]
         vectors = self.embed_crops(np.concatenate([crops for crops in groups if len(crops)]))
         return np.split(vectors, np.cumsum(counts)[:-1])
+
+    def warm_up(self) -> dict[str, float]:
+        """Load every stage's model now, by running each stage once on synthetic input:
+        the detector on a blank image, the landmarks on a made-up detection, the embedder
+        on a blank crop of its size. Returns the seconds each stage took.
+
+        Searching a blank image is not enough: no face is found, so the landmark and
+        embedding models would still load on the first real query (about 3 s). Backends
+        that load one model per thread (dlib's) are warmed for the calling thread only.
+        """
+        timings: dict[str, float] = {}
+        blank = np.zeros((160, 160, 3), dtype=np.uint8)
+        start = time.perf_counter()
+        self.detector.detect(blank)
+        timings["detector"] = time.perf_counter() - start
+        box = np.array([30.0, 30.0, 130.0, 130.0])
+        points = box[:2] + (box[2:] - box[:2]) * np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
+        start = time.perf_counter()
+        self.landmarker.landmarks(blank, [Detection(box=tuple(box), score=1.0, landmarks=points)])
+        timings["landmarks"] = time.perf_counter() - start
+        width, height = self.embedder.crop.size
+        start = time.perf_counter()
+        self.embed_crops(np.zeros((1, height, width, 3), dtype=np.uint8))
+        timings["embedder"] = time.perf_counter() - start
+        log.debug("pipeline warmed up: %s", {stage: round(s, 3) for stage, s in timings.items()})
+        return timings
 
     # ------------------------------------------------------------------ whole
     def __call__(self, image: np.ndarray) -> list[Face]:

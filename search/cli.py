@@ -148,13 +148,15 @@ def audit(gallery_dir: str, out: str | None, duplicate_threshold: float, limit: 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-upload-mb", type=click.FloatRange(0.01), default=10.0, show_default=True, help="Largest upload accepted.")
+@click.option("--max-json-mb", type=click.FloatRange(0.01), default=16.0, show_default=True,
+              help="Largest JSON body accepted (/v1/search/vector; 1000 512-D vectors take about 12 MB).")
 @click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Largest image accepted, in pixels (checked before decoding).")
 @click.option("--max-k", type=click.IntRange(1, 1000), default=100, show_default=True, help="Largest k a request may ask for.")
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="Searches at once [default: core count].")
 @click.option("--read-only", is_flag=True, help="No enrolment or deletion routes, even with a token.")
-def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixels: int, max_k: int,
-          concurrency: int | None, read_only: bool) -> None:
+def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_json_mb: float, max_pixels: int,
+          max_k: int, concurrency: int | None, read_only: bool) -> None:
     """Serve the gallery over HTTP (FastAPI + uvicorn); OpenAPI docs at /docs.
 
     Set FACESEARCH_API_TOKEN to require "Authorization: Bearer <token>" on /v1.
@@ -171,7 +173,8 @@ def serve(gallery_dir: str, host: str, port: int, max_upload_mb: float, max_pixe
         from search.service import ServiceSettings, serve as run_service
     except ImportError as err:
         raise click.ClickException(f"the service needs FastAPI and uvicorn: pip install 'facesearch[serve]' ({err})") from err
-    settings = ServiceSettings(gallery=gallery_dir, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+    settings = ServiceSettings(gallery=gallery_dir, max_upload_bytes=int(max_upload_mb * 2**20),
+                               max_json_bytes=int(max_json_mb * 2**20), max_pixels=max_pixels,
                                max_k=max_k, concurrency=concurrency, read_only=read_only)
     Gallery.load(gallery_dir)  # fail here, with a clean message, rather than inside uvicorn's start-up
     run_service(settings, host=host, port=port)

@@ -11,7 +11,6 @@ import numpy as np
 
 from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.types import Face
-from embedder.vectors import l2_normalize
 from facesearch.errors import ConfigurationError
 from indexer import ann
 from search.calibration import Verdict
@@ -128,28 +127,21 @@ class Searcher:
 
     def search_vectors(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 8,
                        gallery: Gallery | None = None) -> list[list[Match]]:
-        """k nearest gallery faces of each row of ``vectors`` (normalised here)."""
+        """k nearest gallery faces of each row of ``vectors`` (normalised here).
+        ConfigurationError (422 over HTTP) for rows that are ragged, of another dimension,
+        not finite or all zeros (a zero vector has no direction: its matches would be arbitrary)."""
         return self._search_vectors(gallery or self.gallery, vectors, k)
 
     @staticmethod
     def _search_vectors(gallery: Gallery, vectors: np.ndarray | Sequence[Sequence[float]], k: int) -> list[list[Match]]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigurationError(f"k must be a positive integer, got {k!r}")
-        try:
-            queries = np.asarray(vectors, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise ConfigurationError(f"query vectors must be numbers of shape (n, {gallery.dim})") from err
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != gallery.dim:
-            raise ConfigurationError(f"query vectors must be (n, {gallery.dim}), got {queries.shape}")
+        queries = unit_queries(vectors, gallery.dim)
         if len(queries) == 0 or len(gallery) == 0:
             return [[] for _ in range(len(queries))]
-        if not np.isfinite(queries).all():
-            raise ConfigurationError("query vectors contain NaN or infinity")
         # a few queries: one core each, no OpenMP start-up or contention; batches: every core
         threads = 1 if len(queries) < BATCH_THREADS_FROM else (os.cpu_count() or 1)
-        scores, ids = ann.search(gallery.index, gallery.search_settings, l2_normalize(queries), int(min(k, len(gallery))),
+        scores, ids = ann.search(gallery.index, gallery.search_settings, queries, int(min(k, len(gallery))),
                                  gallery.store, gallery.positions, threads=threads)
         found = ids >= 0
         rows = gallery.positions(np.where(found, ids, gallery.face_ids[0] if len(gallery) else 0))
@@ -175,3 +167,40 @@ class Searcher:
                 ))
             out.append(matches)
         return out
+
+
+def unit_queries(vectors: np.ndarray | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+    """``vectors`` as (n, dim) float32 rows of unit length; ConfigurationError naming the first bad row.
+
+    Normalised in float64 after scaling each row by its largest magnitude, so that neither
+    tiny (1e-30) nor huge (1e30) but finite numbers underflow or overflow to a zero vector.
+    """
+    try:
+        raw = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ConfigurationError(_not_a_matrix(vectors, dim)) from err
+    if raw.ndim == 1:
+        raw = raw[None, :]
+    if raw.ndim != 2 or raw.shape[1] != dim:
+        raise ConfigurationError(f"query vectors must be (n, {dim}), got {raw.shape}")
+    if len(raw) == 0:
+        return raw.astype(np.float32)
+    not_finite = np.flatnonzero(~np.isfinite(raw).all(axis=1))
+    if len(not_finite):
+        raise ConfigurationError(f"vectors[{not_finite[0]}] contains NaN or infinity")
+    peak = np.abs(raw).max(axis=1)
+    zero = np.flatnonzero(peak == 0)
+    if len(zero):
+        raise ConfigurationError(f"vectors[{zero[0]}] is all zeros: it has no direction to search by")
+    scaled = raw / peak[:, None]
+    return (scaled / np.linalg.norm(scaled, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _not_a_matrix(vectors: object, dim: int) -> str:
+    """Why ``vectors`` is not an (n, dim) array of numbers, naming the first ragged row when there is one."""
+    rows = vectors if isinstance(vectors, (list, tuple)) else None
+    if rows and all(isinstance(r, (list, tuple, np.ndarray)) for r in rows):
+        for i, row in enumerate(rows):
+            if len(row) != len(rows[0]):
+                return f"vectors[{i}] has length {len(row)}, vectors[0] has length {len(rows[0])}; each must have {dim}"
+    return f"query vectors must be numbers of shape (n, {dim})"
