@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivf-sq4")
 #: exact search answers one query in <= 1.5 ms on one core up to here (BENCHMARKS.md, issue 13)
 FLAT_MAX = 60_000
-#: the graph's build time grows past a few minutes on 2 cores beyond this
-HNSW_MAX = 1_000_000
+#: the graph's build time grows past a few minutes on 2 cores beyond this (BENCHMARKS.md, issue 13)
+HNSW_MAX = 500_000
 #: float32 vectors up to this size stay in memory (ivf); beyond, codes + re-ranking from disk (ivf-sq4)
 IN_MEMORY_MAX_BYTES = 2 * 2**30
 #: vectors sampled to train k-means / product quantisers, and queries sampled to tune
@@ -90,7 +90,10 @@ def plan(kind: str, n: int, dim: int) -> IndexPlan:
     if kind == "hnsw":
         return IndexPlan(kind, dim, n, {"M": 32, "efConstruction": 80})
     if kind in ("ivf", "ivf-sq4"):
-        nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39), 65536))
+        # lists of ~sqrt(N) vectors (2 sqrt N lists for floats, sqrt N for codes): assigning N vectors
+        # costs N x nlist dot products, the build's largest cost; nprobe is tuned afterwards
+        scale = 2.0 if kind == "ivf" else 1.0
+        nlist = max(1, min(int(scale * math.sqrt(max(n, 1))), max(1, n // 39), 65536))
         params: dict[str, Any] = {"nlist": nlist}
         return IndexPlan(kind, dim, n, params)
     return IndexPlan(kind, dim, n)
@@ -107,10 +110,10 @@ def new_index(p: IndexPlan) -> Any:
         inner = faiss.IndexHNSWFlat(p.dim, p.params["M"], metric)
         inner.hnsw.efConstruction = p.params["efConstruction"]
         return faiss.IndexIDMap2(inner)
-    if p.kind == "ivf":
-        return faiss.index_factory(p.dim, f"IVF{p.params['nlist']},Flat", metric)
-    if p.kind == "ivf-sq4":
-        return faiss.index_factory(p.dim, f"IVF{p.params['nlist']},SQ4", metric)
+    if p.kind in ("ivf", "ivf-sq4"):
+        index = faiss.index_factory(p.dim, f"IVF{p.params['nlist']},{'Flat' if p.kind == 'ivf' else 'SQ4'}", metric)
+        faiss.extract_index_ivf(index).cp.niter = 10  # k-means converges well before faiss's 25 on face vectors
+        return index
     raise ConfigurationError(f"unknown index kind {p.kind!r}")
 
 

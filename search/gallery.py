@@ -79,10 +79,11 @@ class Gallery:
                 return cls._load_once(layout)
             except FileNotFoundError as err:  # a writer removed the previous generation's files
                 if attempt == LOAD_ATTEMPTS - 1:
-                    raise GalleryError(
-                        f"{err.filename} is missing: restore it, or run face-index build --drop-missing "
-                        f"{layout.root} and then face-index sync {layout.root} to re-add its images"
-                    ) from err
+                    repair = (f"restore it, or run face-index build --drop-missing {layout.root} and then "
+                              f"face-index sync {layout.root} to re-add its images"
+                              if str(err.filename).endswith(".parquet") else
+                              f"face-index build {layout.root} rebuilds it from the manifest")
+                    raise GalleryError(f"{err.filename} is missing: {repair}") from err
                 log.debug("generation changed while loading %s; reading it again", layout.root)
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")  # pragma: no cover

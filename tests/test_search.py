@@ -111,12 +111,17 @@ def test_inconsistent_gallery_is_refused(celeba_gallery, tmp_path):
     out, _ = celeba_gallery
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    (broken / "manifest" / "part-00001.parquet").unlink()
-    with pytest.raises(GalleryError, match="part-00001.parquet is missing: restore it, or run face-index build --drop-missing"):
+    info = json.loads((broken / "gallery.json").read_text())
+    (broken / info["index"]["meta"]).unlink()
+    with pytest.raises(GalleryError, match=f"{info['index']['meta']} is missing: face-index build .* rebuilds it"):
         Gallery.load(broken)
-    (broken / "gallery.json").write_text(json.dumps({**json.loads((broken / "gallery.json").read_text()),
-                                                     "manifest": ["manifest/part-00000.parquet"]}))
-    with pytest.raises(GalleryError, match="index holds .* vectors but the manifest"):
+    shutil.rmtree(broken)
+    shutil.copytree(out, broken)
+    small = faiss.IndexIDMap2(faiss.IndexFlatIP(128))
+    small.add_with_ids(np.zeros((10, 128), np.float32), np.arange(10))
+    faiss.write_index(small, str(broken / info["index"]["file"]))
+    (broken / "gallery.json").write_text(json.dumps({**info, "checksums": {}}))
+    with pytest.raises(GalleryError, match="index holds 10 vectors but the manifest"):
         Gallery.load(broken)
     wrong_dim = tmp_path / "dim"
     shutil.copytree(out, wrong_dim)
