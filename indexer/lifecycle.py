@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.images import file_hash, load_image_bytes
-from data.readers import is_image_name, read_dataset
-from data.records import DatasetListing, ImageRecord
+from data.readers import read_dataset, read_folder
+from data.records import LOAD_ERROR, DatasetListing, ImageRecord
 from embedder.pipeline import FacePipeline, PipelineConfig
 from facesearch.errors import ConfigurationError, DatasetError, GalleryError, NotFoundError
 from indexer.build import IndexRequest, commit_generation, now, remove_unlisted
@@ -302,20 +302,19 @@ def collect_sources(
         path = Path(source).resolve()
         if not path.exists():
             raise DatasetError(f"{source} does not exist")
-        if format is not None:
-            if not path.is_dir():
-                raise DatasetError(f"--format {format} takes a dataset folder, not the file {source}")
-            listing = read_dataset(path, format)
-            found = [(path / r.path, r.identity, r.split) for r in listing.records]
-        elif path.is_dir():
-            found = [(p, None, None) for p in sorted(path.rglob("*")) if p.is_file() and is_image_name(p.name)]
+        if path.is_dir():
+            # the dataset readers' walk: each real file once, loops and undecodable names reported
+            listing = read_dataset(path, format) if format is not None else read_folder(path)
+            found = [(path / r.path, r.identity, r.split, r.annotations) for r in listing.records]
+        elif format is not None:
+            raise DatasetError(f"--format {format} takes a dataset folder, not the file {source}")
         else:
-            found = [(path, None, None)]
-        for file, ident, split in found:
-            file = file.resolve()
+            found = [(path, None, None, {})]
+        for file, ident, split, annotations in found:
+            file = file if annotations.get(LOAD_ERROR) else file.resolve()
             inside = root is not None and file.is_relative_to(root)
             name = file.relative_to(root).as_posix() if inside else str(file)
-            records.append(ImageRecord(name, identity if identity is not None else ident, split))
+            records.append(ImageRecord(name, identity if identity is not None else ident, split, annotations))
     return records
 
 
@@ -341,6 +340,12 @@ def _add_records(layout: GalleryLayout, info: GalleryInfo, records: Sequence[Ima
     fresh, duplicates, seen = [], [], set()
     for record in records:
         full = record.path if is_external(record.path) else os.path.join(root, record.path)
+        if record.annotations.get(LOAD_ERROR):  # never opened: the mapper records why
+            if record.path in held:
+                duplicates.append(record.path)
+            else:
+                fresh.append(record)
+            continue
         try:
             with open(full, "rb") as handle:
                 digest = file_hash(handle.read())

@@ -347,3 +347,17 @@ def test_format_1_galleries_open_search_and_change(lfw):
     kept = [[(i, c) for i, c in row if new.has(i)] for row in want]
     got = [[(m.face_id, round(m.cosine, 5)) for m in r] for r in Searcher(new).search_vectors(queries, k=5)]
     assert all(g[: len(k)] == k for g, k in zip(got, kept))
+
+
+def test_add_a_folder_with_a_name_that_is_not_utf8(lfw, tmp_path):
+    dataset, gallery = lfw
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(LFW / "lfw" / NEWCOMER / "Tony_Blair_0001.jpg", folder / "ok.jpg")
+    shutil.copy(LFW / "lfw" / NEWCOMER / "Tony_Blair_0002.jpg", os.fsencode(folder) + b"/bad\xff.jpg")
+    out = _run("add", str(gallery), str(folder), "--identity", "Tony Blair")
+    assert "1 faces added" in out and "1 without a face" in out
+    failures = pq.read_table(gallery / GalleryLayout(gallery).read_info().failures[-1]).to_pylist()
+    assert failures[0]["path"].endswith("bad\\xff.jpg") and "not valid UTF-8" in failures[0]["reason"]
+    again = _run("add", str(gallery), str(folder), "--identity", "Tony Blair")
+    assert "nothing changed" in again
