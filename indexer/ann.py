@@ -130,14 +130,27 @@ def default_search_settings(kind: str, params: dict[str, Any]) -> dict[str, Any]
 # --- searching --------------------------------------------------------------------------
 
 def search_params(settings: dict[str, Any]) -> Any:
-    """Per-call faiss search parameters (thread-safe: nothing is set on the shared index)."""
+    """Per-call faiss search parameters (thread-safe: nothing is set on the shared index).
+    ``settings["_exclude"]``: face ids left out of this search (an IDSelector)."""
     import faiss
 
+    extra: dict[str, Any] = {}
+    if settings.get("_exclude") is not None:
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(settings["_exclude"], dtype=np.int64))
+        extra["sel"] = faiss.IDSelectorNot(batch)
+        extra["_keep"] = batch  # the selector refers to it: keep it alive for the call
     if "efSearch" in settings:
-        return faiss.SearchParametersHNSW(efSearch=int(settings["efSearch"]))
-    if "nprobe" in settings:
-        return faiss.SearchParametersIVF(nprobe=int(settings["nprobe"]))
-    return None
+        params = faiss.SearchParametersHNSW(efSearch=int(settings["efSearch"]))
+    elif "nprobe" in settings:
+        params = faiss.SearchParametersIVF(nprobe=int(settings["nprobe"]))
+    elif extra:
+        params = faiss.SearchParameters()
+    else:
+        return None
+    if extra:
+        params.sel = extra["sel"]
+        params._keep = (extra["_keep"], extra["sel"])
+    return params
 
 
 class VectorStore:
@@ -152,17 +165,23 @@ class VectorStore:
 
 
 def search(index: Any, settings: dict[str, Any], queries: np.ndarray, k: int,
-           store: VectorStore | None = None, rows_of: Any = None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           store: VectorStore | None = None, rows_of: Any = None, threads: int | None = None,
+           exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, face ids) of the k best of each query; -1 ids where fewer exist.
 
     With ``settings["rerank"]`` and a ``store``, the index's ``rerank`` best candidates are
     re-scored exactly from the float vectors (``rows_of(face_ids)`` gives their rows).
     threads: OpenMP threads for this call (single queries run best on one; see BENCHMARKS.md).
+    exclude: per query, face ids the index must not return (tuning's held-out queries).
     """
     import faiss
 
     if threads is not None:
         faiss.omp_set_num_threads(threads)  # per calling thread: concurrent requests do not interfere
+    if exclude is not None:
+        rows = [search(index, {**settings, "_exclude": ids}, queries[q:q + 1], k, store, rows_of)
+                for q, ids in enumerate(exclude)]
+        return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
     params = search_params(settings)
     depth = int(settings.get("rerank", 0) or 0)
     if store is None or depth <= k:
@@ -199,23 +218,41 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, k: int, store: VectorSto
 # --- exact ground truth, streamed --------------------------------------------------------
 
 class ExactTopK:
-    """The exact top-k face ids of a few queries over vectors that arrive part by part."""
+    """The exact top-k face ids of a few queries over vectors that arrive part by part.
 
-    def __init__(self, queries: np.ndarray, k: int) -> None:
+    Held-out queries: a query with ``self_ids[q] >= 0`` never matches that face id (a
+    new photo of someone in the gallery); one with ``groups[q] >= 0`` never matches a
+    row of that group (identity): a stranger's query."""
+
+    CHUNK = 8192
+
+    def __init__(self, queries: np.ndarray, k: int, self_ids: np.ndarray | None = None,
+                 groups: np.ndarray | None = None) -> None:
         self.queries = np.ascontiguousarray(queries, np.float32)
         self.k = k
-        self.scores = np.full((len(queries), k), -np.inf, np.float32)
-        self.ids = np.full((len(queries), k), -1, np.int64)
+        n = len(self.queries)
+        self.self_ids = np.full(n, -1, np.int64) if self_ids is None else np.asarray(self_ids, np.int64)
+        self.groups = np.full(n, -1, np.int64) if groups is None else np.asarray(groups, np.int64)
+        self.scores = np.full((n, k), -np.inf, np.float32)
+        self.ids = np.full((n, k), -1, np.int64)
 
-    def update(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def update(self, ids: np.ndarray, vectors: np.ndarray, groups: np.ndarray | None = None) -> None:
         if not len(ids) or not len(self.queries):
             return
-        scores = self.queries @ vectors.T
-        all_scores = np.concatenate([self.scores, scores], axis=1)
-        all_ids = np.concatenate([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))], axis=1)
-        keep = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
-        self.scores = np.take_along_axis(all_scores, keep, axis=1)
-        self.ids = np.take_along_axis(all_ids, keep, axis=1)
+        for start in range(0, len(ids), self.CHUNK):
+            part_ids = ids[start:start + self.CHUNK]
+            scores = self.queries @ vectors[start:start + self.CHUNK].T
+            mask = part_ids[None, :] == self.self_ids[:, None]
+            if groups is not None:
+                mask |= (groups[start:start + self.CHUNK][None, :] == self.groups[:, None]) & (self.groups[:, None] >= 0)
+            scores[mask] = -np.inf
+            take = min(self.k, scores.shape[1])
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            all_scores = np.concatenate([self.scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+            all_ids = np.concatenate([self.ids, part_ids[top]], axis=1)
+            keep = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
+            self.scores = np.take_along_axis(all_scores, keep, axis=1)
+            self.ids = np.where(np.isfinite(self.scores), np.take_along_axis(all_ids, keep, axis=1), -1)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -242,7 +279,7 @@ class Tuning:
 
 
 def tune(kind: str, index: Any, queries: np.ndarray, truth: np.ndarray, k: int, target: float,
-         store: VectorStore | None = None, rows_of: Any = None) -> Tuning:
+         store: VectorStore | None = None, rows_of: Any = None, exclude: Sequence[np.ndarray] | None = None) -> Tuning:
     """The cheapest search setting whose recall@k against exact search reaches ``target``
     (the best tried when none does; the measured recall says so).
 
@@ -251,7 +288,7 @@ def tune(kind: str, index: Any, queries: np.ndarray, truth: np.ndarray, k: int, 
     import time
 
     def measure(settings: dict[str, Any]) -> float:
-        _, ids = search(index, settings, queries, k, store, rows_of)
+        _, ids = search(index, settings, queries, k, store, rows_of, exclude=exclude)
         return recall_at_k(ids, truth)
 
     if kind == "flat":

@@ -266,6 +266,51 @@ class IndexRequest:
                    float(tuning.get("target_recall", 0.95)), int(tuning.get("k", 8)))
 
 
+class HeldOut:
+    """The tuning queries, held out as the gallery's users would ask: even ones as a new photo
+    of someone in the gallery (the face itself is left out), odd ones as a stranger's (the
+    whole identity is left out; the face alone where there is no identity). Exact search
+    and the index both leave the same faces out."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.self_ids: list[int] = []
+        self.groups: list[int] = []
+        self.members: dict[int, list[np.ndarray]] = {}
+
+    def _codes(self, table: pa.Table) -> np.ndarray:
+        names = table.column("identity").to_pylist()
+        return np.array([-1 if name is None else self.codes.setdefault(name, len(self.codes)) for name in names],
+                        np.int64)
+
+    def add_part(self, table: pa.Table, rows: np.ndarray) -> None:
+        codes = self._codes(table)
+        ids = table.column("face_id").to_numpy().astype(np.int64)
+        for row in rows:
+            stranger = len(self.self_ids) % 2 == 1 and codes[row] >= 0
+            self.self_ids.append(-1 if stranger else int(ids[row]))
+            self.groups.append(int(codes[row]) if stranger else -1)
+
+    def groups_of(self, table: pa.Table) -> np.ndarray | None:
+        """The identity codes of a part's rows (None when no query leaves an identity out);
+        the face ids of the left-out identities are gathered on the way."""
+        wanted = {g for g in self.groups if g >= 0}
+        if not wanted:
+            return None
+        codes = self._codes(table)
+        ids = table.column("face_id").to_numpy().astype(np.int64)
+        for code in wanted & set(np.unique(codes).tolist()):
+            self.members.setdefault(code, []).append(ids[codes == code])
+        return codes
+
+    def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(self.self_ids, np.int64), np.array(self.groups, np.int64)
+
+    def excluded_ids(self) -> list[np.ndarray]:
+        return [np.concatenate(self.members[g]) if g >= 0 else np.array([s], np.int64)
+                for s, g in zip(self.self_ids, self.groups)]
+
+
 def commit_generation(
     layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, files: Sequence[Path],
     failures: Sequence[Path], request: IndexRequest, missing_from_dataset: int | None,
@@ -290,14 +335,17 @@ def commit_generation(
     tune_rows = ann.sample_rows(counts, ann.TUNE_QUERIES, seed=ann.TUNE_SEED) if kind != "flat" else None
     train_rows = ann.sample_rows(counts, ann.TRAIN_SAMPLE, seed=0) if plan.trains else None
     queries = np.zeros((0, dim), np.float32)
+    held_out = HeldOut()
     if tune_rows is not None or train_rows is not None:
         train, tune = [], []
-        for number, part in enumerate(_read_parts(layout, files, previous, ["face_id", "embedding"], renumber)):
+        columns_1 = ["face_id", "embedding", "identity"]
+        for number, part in enumerate(_read_parts(layout, files, previous, columns_1, renumber)):
             vectors = embeddings_of(part.table)
             if train_rows is not None:
                 train.append(vectors[train_rows[number]])
             if tune_rows is not None:
                 tune.append(vectors[tune_rows[number]])
+                held_out.add_part(part.table, tune_rows[number])
         renumber = False  # done in this pass
         if train_rows is not None:
             log.info("training %s on %d sampled vectors", kind, sum(len(t) for t in train))
@@ -307,8 +355,7 @@ def commit_generation(
                 raise GalleryBuildError(f"cannot train a {kind} index on {n} faces ({err}); choose --index flat or hnsw") from err
         if tune:
             queries = np.ascontiguousarray(np.concatenate(tune))
-    truth = ann.ExactTopK(queries, request.k)
-
+    truth = ann.ExactTopK(queries, request.k, *held_out.exclusions())
     meta_name = f"meta-{generation:06d}.arrow"
     vectors_name = f"vectors-{generation:06d}.f32" if ann.needs_vectors_file(kind) else None
     meta_tmp = temporary_for(layout.root / meta_name)
@@ -325,7 +372,7 @@ def commit_generation(
                 part_ids = part.table.column("face_id").to_numpy().astype(np.int64)
                 if len(part_ids):
                     index.add_with_ids(vectors, part_ids)
-                truth.update(part_ids, vectors)
+                truth.update(part_ids, vectors, held_out.groups_of(part.table))
                 pending.append(part.table.select(list(META_COLUMNS)))
                 if sum(t.num_rows for t in pending) >= META_BATCH_ROWS:
                     meta.write_table(pa.concat_tables(pending).combine_chunks())
@@ -357,7 +404,7 @@ def commit_generation(
     if len(queries):
         store = ann.VectorStore(layout.root / vectors_name, dim) if vectors_name else None
         tuning = ann.tune(kind, index, queries, truth.ids, request.k, request.target_recall, store,
-                          lambda found: np.searchsorted(face_ids, found))
+                          lambda found: np.searchsorted(face_ids, found), exclude=held_out.excluded_ids())
         settings = tuning.settings
     index_name, checksums[f"index-{generation:06d}.faiss"] = write_index(layout, index, generation)
     failure_count, failure_checksums = scan_failures(layout, failures, previous)
