@@ -31,7 +31,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -172,16 +172,24 @@ def search(index: Any, settings: dict[str, Any], queries: np.ndarray, k: int,
     With ``settings["rerank"]`` and a ``store``, the index's ``rerank`` best candidates are
     re-scored exactly from the float vectors (``rows_of(face_ids)`` gives their rows).
     threads: OpenMP threads for this call (single queries run best on one; see BENCHMARKS.md).
-    exclude: per query, face ids the index must not return (tuning's held-out queries).
+    exclude: per query, face ids the index must not return, or None (tuning's strangers).
     """
     import faiss
 
     if threads is not None:
         faiss.omp_set_num_threads(threads)  # per calling thread: concurrent requests do not interfere
-    if exclude is not None:
-        rows = [search(index, {**settings, "_exclude": ids}, queries[q:q + 1], k, store, rows_of)
-                for q, ids in enumerate(exclude)]
-        return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+    if exclude is not None and any(ids is not None for ids in exclude):
+        plain = [q for q, ids in enumerate(exclude) if ids is None]
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        found = np.full((len(queries), k), -1, np.int64)
+        if plain:
+            got = search(index, settings, queries[plain], k, store, rows_of)
+            scores[plain], found[plain] = got[0][:, :k], got[1][:, :k]
+        for q, ids in enumerate(exclude):
+            if ids is not None:
+                got = search(index, {**settings, "_exclude": ids}, queries[q:q + 1], k, store, rows_of)
+                scores[q], found[q] = got[0][0], got[1][0]
+        return scores, found
     params = search_params(settings)
     depth = int(settings.get("rerank", 0) or 0)
     if store is None or depth <= k:

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -268,9 +268,9 @@ class IndexRequest:
 
 class HeldOut:
     """The tuning queries, held out as the gallery's users would ask: even ones as a new photo
-    of someone in the gallery (the face itself is left out), odd ones as a stranger's (the
-    whole identity is left out; the face alone where there is no identity). Exact search
-    and the index both leave the same faces out."""
+    of someone in the gallery, odd ones as a stranger's (their whole identity is left out of
+    the answers; where there is no identity, they are new photos too). The sampled faces are
+    not in the index while it is tuned; exact search and the index leave the same faces out."""
 
     def __init__(self) -> None:
         self.codes: dict[str, int] = {}
@@ -306,40 +306,55 @@ class HeldOut:
     def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
         return np.array(self.self_ids, np.int64), np.array(self.groups, np.int64)
 
-    def excluded_ids(self) -> list[np.ndarray]:
-        return [np.concatenate(self.members[g]) if g >= 0 else np.array([s], np.int64)
-                for s, g in zip(self.self_ids, self.groups)]
+    def excluded_ids(self) -> list[np.ndarray | None]:
+        """Per query, the face ids the index must not answer: a stranger's identity (the held-out
+        faces themselves are not in the index while it is tuned)."""
+        return [np.concatenate(self.members[g]) if g >= 0 and g in self.members else None for g in self.groups]
 
 
-def commit_generation(
-    layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, files: Sequence[Path],
-    failures: Sequence[Path], request: IndexRequest, missing_from_dataset: int | None,
-    before_commit: Callable[[], None] | None = None, renumber: bool = False, **extra: Any,
-) -> GalleryInfo:
-    """Index the manifest ``files`` in bounded memory, tune the index, write the generation's
-    files and commit a new gallery.json. The caller then deletes the previous generation's
-    files (``remove_unlisted``). ``before_commit`` runs when every file of the new
-    generation is written (crash tests).
+@dataclass
+class HeldOutIndex:
+    """An index of every face but a held-out sample, the sample as queries with their exact
+    answers: what tuning measures, and what check-recall measures again."""
 
-    Memory: the index, the face ids, and a sample of vectors (training, tuning); the parts
-    are read one at a time, twice when the index trains or is tuned."""
-    generation = (previous.generation if previous is not None else 0) + 1
+    index: Any
+    kind: str
+    plan: ann.IndexPlan
+    queries: np.ndarray
+    truth: np.ndarray
+    exclude: list[np.ndarray | None]
+    held_vectors: np.ndarray
+    held_ids: np.ndarray
+
+    def add_held_out(self) -> None:
+        """Put the sample back: the gallery holds every face."""
+        if len(self.held_ids):
+            self.index.add_with_ids(self.held_vectors, self.held_ids)
+
+
+def held_out_index(
+    layout: GalleryLayout, previous: GalleryInfo | None, files: Sequence[Path], kind: str, k: int,
+    renumber: bool = False, on_part: Callable[[_Part, np.ndarray], None] | None = None,
+) -> HeldOutIndex:
+    """Build ``kind`` over ``files`` in bounded memory, leaving out a seeded sample of faces
+    (``ann.TUNE_QUERIES``) as queries: half as new photos of people in the gallery, half as
+    strangers (their whole identity left out of the answers). The parts are read once to
+    sample (and to train, for IVF kinds), once to add; ``on_part(part, vectors)`` sees each
+    part on the second pass (the build writes the generation's files there)."""
     counts = [row_count(f) for f in files]
     n = int(sum(counts))
     dim = pq.read_schema(files[0]).field("embedding").type.list_size
-    kind = ann.choose(request.type, n, dim)
     plan = ann.plan(kind, n, dim)
     index = ann.new_index(plan)
-    columns = ["face_id", "embedding", *[c for c in META_COLUMNS if c != "face_id"]]
-
-    tune_rows = ann.sample_rows(counts, ann.TUNE_QUERIES, seed=ann.TUNE_SEED) if kind != "flat" else None
+    # at most a tenth of the faces is held out, so the index stays close to the gallery's
+    tune_rows = (ann.sample_rows(counts, min(ann.TUNE_QUERIES, max(1, n // 10)), seed=ann.TUNE_SEED)
+                 if kind != "flat" else None)
     train_rows = ann.sample_rows(counts, ann.TRAIN_SAMPLE, seed=0) if plan.trains else None
     queries = np.zeros((0, dim), np.float32)
     held_out = HeldOut()
     if tune_rows is not None or train_rows is not None:
         train, tune = [], []
-        columns_1 = ["face_id", "embedding", "identity"]
-        for number, part in enumerate(_read_parts(layout, files, previous, columns_1, renumber)):
+        for number, part in enumerate(_read_parts(layout, files, previous, ["face_id", "embedding", "identity"], renumber)):
             vectors = embeddings_of(part.table)
             if train_rows is not None:
                 train.append(vectors[train_rows[number]])
@@ -355,7 +370,48 @@ def commit_generation(
                 raise GalleryBuildError(f"cannot train a {kind} index on {n} faces ({err}); choose --index flat or hnsw") from err
         if tune:
             queries = np.ascontiguousarray(np.concatenate(tune))
-    truth = ann.ExactTopK(queries, request.k, *held_out.exclusions())
+    truth = ann.ExactTopK(queries, k, *held_out.exclusions())
+    held_vectors, held_ids = [], []
+    columns = ["face_id", "embedding", *[c for c in META_COLUMNS if c != "face_id"]]
+    for number, part in enumerate(_read_parts(layout, files, previous, columns, renumber)):
+        vectors = embeddings_of(part.table)
+        if vectors.shape[1] != dim:
+            raise GalleryBuildError(f"{part.path.name} has {vectors.shape[1]}-D embeddings, earlier parts {dim}-D")
+        part_ids = part.table.column("face_id").to_numpy().astype(np.int64)
+        keep = np.ones(len(part_ids), bool)
+        if tune_rows is not None:
+            keep[tune_rows[number]] = False
+            held_vectors.append(vectors[~keep])
+            held_ids.append(part_ids[~keep])
+        if keep.any():
+            index.add_with_ids(np.ascontiguousarray(vectors[keep]), part_ids[keep])
+            groups = held_out.groups_of(part.table)
+            truth.update(part_ids[keep], vectors[keep], None if groups is None else groups[keep])
+        if on_part is not None:
+            on_part(part, vectors)
+    return HeldOutIndex(
+        index, kind, plan, queries, truth.ids, held_out.excluded_ids(),
+        np.ascontiguousarray(np.concatenate(held_vectors)) if held_vectors else np.zeros((0, dim), np.float32),
+        np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64),
+    )
+
+
+def commit_generation(
+    layout: GalleryLayout, config: RunConfig, previous: GalleryInfo | None, files: Sequence[Path],
+    failures: Sequence[Path], request: IndexRequest, missing_from_dataset: int | None,
+    before_commit: Callable[[], None] | None = None, renumber: bool = False, **extra: Any,
+) -> GalleryInfo:
+    """Index the manifest ``files`` in bounded memory, tune the index, write the generation's
+    files and commit a new gallery.json. The caller then deletes the previous generation's
+    files (``remove_unlisted``). ``before_commit`` runs when every file of the new
+    generation is written (crash tests).
+
+    Memory: the index, the face ids, and samples of vectors (training, tuning); the parts
+    are read one at a time (see ``held_out_index``)."""
+    generation = (previous.generation if previous is not None else 0) + 1
+    n = int(sum(row_count(f) for f in files))
+    dim = pq.read_schema(files[0]).field("embedding").type.list_size
+    kind = ann.choose(request.type, n, dim)
     meta_name = f"meta-{generation:06d}.arrow"
     vectors_name = f"vectors-{generation:06d}.f32" if ann.needs_vectors_file(kind) else None
     meta_tmp = temporary_for(layout.root / meta_name)
@@ -363,25 +419,22 @@ def commit_generation(
     vectors_file = AtomicFile(layout.root / vectors_name) if vectors_name else None
     try:
         with pa.OSFile(str(meta_tmp), "wb") as sink, pa.ipc.new_file(sink, _meta_schema(files[0])) as meta:
-            if vectors_file is not None:
-                vectors_file.__enter__()
-            for part in _read_parts(layout, files, previous, columns, renumber):
-                vectors = embeddings_of(part.table)
-                if vectors.shape[1] != dim:
-                    raise GalleryBuildError(f"{part.path.name} has {vectors.shape[1]}-D embeddings, earlier parts {dim}-D")
-                part_ids = part.table.column("face_id").to_numpy().astype(np.int64)
-                if len(part_ids):
-                    index.add_with_ids(vectors, part_ids)
-                truth.update(part_ids, vectors, held_out.groups_of(part.table))
+
+            def write(part: _Part, vectors: np.ndarray) -> None:
+                nonlocal images, pending
                 pending.append(part.table.select(list(META_COLUMNS)))
                 if sum(t.num_rows for t in pending) >= META_BATCH_ROWS:
                     meta.write_table(pa.concat_tables(pending).combine_chunks())
                     pending = []
                 if vectors_file is not None:
                     vectors_file.write(np.ascontiguousarray(vectors, np.float32).tobytes())
-                ids.append(part_ids)
+                ids.append(part.table.column("face_id").to_numpy().astype(np.int64))
                 images += len(part.table.column("path").unique())
                 checksums[layout.relative(part.path)] = part.checksum
+
+            if vectors_file is not None:
+                vectors_file.__enter__()
+            built = held_out_index(layout, previous, files, kind, request.k, renumber, on_part=write)
             if pending:
                 meta.write_table(pa.concat_tables(pending).combine_chunks())
             if vectors_file is not None:
@@ -399,20 +452,22 @@ def commit_generation(
     if len(face_ids) > 1 and not (np.diff(face_ids) > 0).all():
         raise GalleryBuildError(f"{layout.root}: face ids are not increasing over the manifest parts")
 
-    settings = ann.default_search_settings(kind, plan.params)
+    settings = ann.default_search_settings(kind, built.plan.params)
     tuning = None
-    if len(queries):
+    if len(built.queries):
         store = ann.VectorStore(layout.root / vectors_name, dim) if vectors_name else None
-        tuning = ann.tune(kind, index, queries, truth.ids, request.k, request.target_recall, store,
-                          lambda found: np.searchsorted(face_ids, found), exclude=held_out.excluded_ids())
+        tuning = ann.tune(kind, built.index, built.queries, built.truth, request.k, request.target_recall, store,
+                          lambda found: np.searchsorted(face_ids, found), exclude=built.exclude)
         settings = tuning.settings
+    built.add_held_out()
+    index = built.index
     index_name, checksums[f"index-{generation:06d}.faiss"] = write_index(layout, index, generation)
     failure_count, failure_checksums = scan_failures(layout, failures, previous)
     stats = ManifestStats(tuple(layout.relative(f) for f in files), face_ids, dim, images, checksums)
     info = _info(layout, config, previous, stats, failures, failure_count, missing_from_dataset, generation, {
         "type": kind, "requested": request.type, "file": index_name, "meta": meta_name,
         **({"vectors": vectors_name} if vectors_name else {}), "faiss_metric": "inner_product", "ids": "face_id",
-        "ntotal": int(index.ntotal), **plan.params, **settings,
+        "ntotal": int(index.ntotal), **built.plan.params, **settings,
         "tuning": tuning.to_dict() if tuning else {"target_recall": request.target_recall, "k": request.k,
                                                     "recall": 1.0, "exact": True},
     }, {**checksums, **failure_checksums}).replace(**extra)

@@ -310,11 +310,11 @@ def collect_sources(
             raise DatasetError(f"--format {format} takes a dataset folder, not the file {source}")
         else:
             found = [(path, None, None, {})]
-        for file, ident, split, annotations in found:
-            file = file if annotations.get(LOAD_ERROR) else file.resolve()
+        for file, ident, split, notes in found:
+            file = file if notes.get(LOAD_ERROR) else file.resolve()
             inside = root is not None and file.is_relative_to(root)
             name = file.relative_to(root).as_posix() if inside else str(file)
-            records.append(ImageRecord(name, identity if identity is not None else ident, split, annotations))
+            records.append(ImageRecord(name, identity if identity is not None else ident, split, notes))
     return records
 
 
