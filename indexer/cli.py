@@ -173,7 +173,8 @@ def check_recall(gallery_dir: str, k: int | None) -> None:
     from search.recall import check_recall as measure
 
     result = measure(gallery_dir, k=k)
-    click.echo(f"recall@{result['k']} {result['recall']:.4f} on {result['sample']} held-out faces "
+    groups = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result["by_group"].items())
+    click.echo(f"recall@{result['k']} {result['recall']:.4f} ({groups}) on {result['sample']} held-out faces "
                f"({describe_index(result['index'])}); stored at build: {result['stored_recall']}")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from indexer import ann
 from indexer.build import held_out_index
 from search.gallery import Gallery
@@ -26,8 +28,12 @@ def check_recall(gallery_dir: str | os.PathLike[str], k: int | None = None) -> d
     k = int(k or tuning.get("k") or 8)
     built = held_out_index(layout, info, layout.manifest_files(info), info.index_type, k)
     if not len(built.queries):
-        return {"recall": 1.0, "k": k, "sample": 0, "index": dict(info.index), "stored_recall": tuning.get("recall")}
+        return {"recall": 1.0, "by_group": {}, "k": k, "sample": 0, "index": dict(info.index),
+                "stored_recall": tuning.get("recall")}
     _, found = ann.search(built.index, gallery.search_settings, built.queries, k, gallery.store, gallery.positions,
                           threads=os.cpu_count() or 1, exclude=built.exclude)
-    return {"recall": ann.recall_at_k(found, built.truth), "k": k, "sample": len(built.queries), "index": dict(info.index),
-            "stored_recall": tuning.get("recall")}
+    strangers = np.array([ids is not None for ids in built.exclude], bool)
+    groups = {"strangers": strangers, "new_photos": ~strangers}
+    recalls = {name: ann.recall_at_k(found[g], built.truth[g]) for name, g in groups.items() if g.any()}
+    return {"recall": min(recalls.values()), "by_group": recalls, "k": k, "sample": len(built.queries),
+            "index": dict(info.index), "stored_recall": tuning.get("recall")}
