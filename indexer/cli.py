@@ -78,7 +78,8 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where the partitions are computed: local worker processes, or a Ray cluster (pip install 'facesearch[ray]').")
 @click.option("--ray-address", default=None,
-              help="With --engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT) [default: start Ray here].")
+              help="With --engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT), or local to start Ray "
+                   "here [default: RAY_ADDRESS, else a cluster started here with ray start, else local].")
 @click.option("--ray-embed-gpus", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --engine ray: embed on N actors with one GPU each, while CPU tasks detect (0: all on CPUs).")
 @click.option("--ray-runtime-env", default=None, metavar="JSON",

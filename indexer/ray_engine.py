@@ -245,8 +245,10 @@ class _Flight:
 class RayEngine:
     """Maps a run's partitions on a Ray cluster; see the module docstring.
 
-    address: the cluster (``auto``, ``HOST:PORT``, ``ray://...``); None starts Ray on this
-        machine (``num_cpus`` CPUs, default all), unless Ray is initialised already.
+    address: the cluster (``auto``, ``HOST:PORT``, ``ray://...``); ``local`` starts Ray on this
+        machine (``num_cpus`` CPUs, default all); None is Ray's default (``RAY_ADDRESS``, else a
+        cluster started on this machine with ``ray start``, else a new local one). Unused when the
+        caller has initialised Ray already.
     embed_gpus: actors that embed, each with ``gpus_per_embedder`` GPUs (0: every stage in
         the partition tasks, on CPUs). ``gpus_per_embedder=0`` runs them on CPUs (tests).
     runtime_env: merged over ``default_runtime_env()``.
@@ -283,7 +285,7 @@ class RayEngine:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": self.address, "runtime_env": merge_runtime_env(self.runtime_env),
                                       "logging_level": logging.WARNING}
-            if self.address is None:
+            if self.address in (None, "local"):
                 kwargs.update(include_dashboard=False, num_cpus=self.num_cpus)
             start = time.perf_counter()
             try:
@@ -292,8 +294,7 @@ class RayEngine:
                 raise IndexRunError(f"cannot start or reach the Ray cluster at {self.address or 'this machine'}: {err}") from err
             self.startup_seconds = time.perf_counter() - start
             self._owned = True
-            log.info("Ray %s in %.1f s", "started" if self.address is None else f"connected to {self.address}",
-                     self.startup_seconds)
+            log.info("Ray ready in %.1f s (cluster at %s)", self.startup_seconds, ray.get_runtime_context().gcs_address)
         self._resources = ray.cluster_resources()
         gpus = self._resources.get("GPU", 0.0)
         if self.embed_gpus and gpus < self.embed_gpus * self.gpus_per_embedder:
