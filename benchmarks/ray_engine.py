@@ -16,6 +16,7 @@ partition size. Per run:
   pool's processes, or Ray's ``ray::`` worker processes); Ray's own processes (GCS server,
   raylet, agents). Each is the peak of the group's sum. RSS counts pages shared between
   processes (torch's libraries, the object store's shared memory) once per process.
+- load before: the 1-minute load average when the run started (the machine is shared).
 - Same output: every manifest and failure part of the Ray run equals the local run's byte for
   byte (for the same partition size; the local run is repeated per size when they differ).
 """
@@ -154,15 +155,15 @@ def main() -> None:
                 rows[-1]["same_parts_as_local"] = same_parts(ours, local)
     print(f"{args.limit} CelebA test images, {os.cpu_count()} cores\n")
     print("| engine | partition | images/s | after start-up | wall s | Ray start s | peak MB: driver | workers "
-          "(n, largest) | Ray system | total | same parts |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(n, largest) | Ray system | total | same parts | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["peak_mb"]
         engine = "local, --workers " + str(args.workers) if r["engine"].startswith("--workers") else "ray (1 node, 2 CPUs)"
         print(f"| {engine} | {r['partition_size']} | {r['images_per_s']:.2f} | {r['after_startup'] or '-'} | "
               f"{r['wall_seconds']} | {r['ray_startup_seconds'] if r['ray_startup_seconds'] is not None else '-'} | "
               f"{m['driver']} | {m['workers']} ({m['worker_count']}, {m['worker_max']}) | {m['ray_system']} | "
-              f"{m['total']} | {r.get('same_parts_as_local', '-')} |")
+              f"{m['total']} | {r.get('same_parts_as_local', '-')} | {r['load_before']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))

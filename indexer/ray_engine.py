@@ -413,6 +413,8 @@ class RayEngine:
                     log.debug("could not cancel a task", exc_info=True)
             bar.close()
         seconds = time.perf_counter() - start
+        if len(order) < 2 * window:  # the first partitions finish together: no start-up to tell apart
+            first_result = None
         _log_rate(processed, seconds, first_result)
         return RunSummary(
             gallery_dir=str(job.layout.root), images=len(job.listing.records), partitions=len(job.partitions),
