@@ -81,7 +81,8 @@ def _reap(session: str, grace: float = 30.0) -> None:
 
 
 def _running_tasks(node) -> list[str]:
-    """The titles of the node's Ray workers that run a task ("ray::map_partition"; idle ones are "ray::IDLE")."""
+    """The titles of the node's Ray processes ("ray::map_partition" while a worker runs that task, "ray::IDLE",
+    agents)."""
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     titles = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -170,7 +171,8 @@ def test_worker_node_killed_mid_run(cluster, local_gallery, tmp_path):
                                   stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.monotonic() + 300
-            while not (list((out / "manifest").glob("part-*.parquet")) and _running_tasks(cluster.worker)):
+            while not (list((out / "manifest").glob("part-*.parquet"))
+                       and "ray::map_partition" in _running_tasks(cluster.worker)):
                 assert driver.poll() is None, log_file.read_text()[-3000:]
                 assert time.monotonic() < deadline, "no partition written in 300 s"
                 time.sleep(0.05)
