@@ -219,3 +219,16 @@ def test_a_node_that_does_not_see_the_gallery_is_refused(tmp_path, monkeypatch):
     other = ray_engine.TaskSpec(**{**spec.__dict__, "fingerprint": "other"})
     with pytest.raises(ray_engine.NodeMismatchError, match="other facesearch code"):
         ray_engine.check_node(other, dataset=True)
+
+
+def test_a_node_running_other_code_stops_the_run(cluster, tmp_path, monkeypatch):
+    """The driver's fingerprint differs from the workers' (as when a node has another facesearch):
+    the first task refuses, the run stops with that error, and nothing is written."""
+    from indexer import ray_engine
+
+    monkeypatch.setattr(ray_engine, "code_fingerprint", lambda: "not the workers' code")
+    config = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=4, partition_size=2)
+    with pytest.raises(ray_engine.NodeMismatchError, match="runs other facesearch code"):
+        run_index(config, tmp_path / "g", engine=RayEngine(address=cluster.address), progress=False)
+    assert not list((tmp_path / "g").rglob("*.parquet"))
+    assert not ray.is_initialized()
