@@ -369,9 +369,9 @@ class RayEngine:
                         flight = computing.pop(ref)
                         try:
                             face_ids.written(flight.partition.index, ray.get(ref))
-                        except ray.exceptions.RayTaskError as err:
-                            raise _task_failed(err) from err
                         except ray.exceptions.RayError as err:
+                            if not _lost(ray, err):
+                                raise _task_failed(err) from err
                             self._retry(flight, err, submit)
                             continue
                         if position[flight.partition.index] < next_write:
@@ -384,10 +384,10 @@ class RayEngine:
                     flight = writing.pop(ref)
                     try:
                         n_faces, n_failures = ray.get(ref)
-                    except ray.exceptions.RayTaskError as err:
-                        raise _task_failed(err) from err
-                    except ray.exceptions.RayError as err:  # its result was lost with a node: compute it again
-                        self._retry(flight, err, submit)
+                    except ray.exceptions.RayError as err:
+                        if not _lost(ray, err):
+                            raise _task_failed(err) from err
+                        self._retry(flight, err, submit)  # its rows were lost with a node: compute them again
                         continue
                     flight.payload = None
                     faces += n_faces
@@ -443,7 +443,10 @@ class RayEngine:
             return count_ref, payload
         if not self._actors:
             self._actors = [remote["actor"].remote(spec_ref) for _ in range(self.embed_gpus)]
-            devices = self._ray.get([actor.device.remote() for actor in self._actors])
+            try:
+                devices = self._ray.get([actor.device.remote() for actor in self._actors])
+            except self._ray.exceptions.RayError as err:
+                raise _task_failed(err) from err
             log.info("embedding on %d actors (%s)", len(devices), ", ".join(devices))
         prepared = remote["prepare"].remote(spec_ref, part.records)
         actor = self._actors[self._next_actor % len(self._actors)]
@@ -462,6 +465,16 @@ class RayEngine:
         if self._actors and isinstance(err, self._ray.exceptions.RayActorError):
             self._actors = []  # rebuilt on the next submission
         submit(flight)
+
+
+def _lost(ray: Any, err: Exception) -> bool:
+    """A worker, node, actor or object lost (Ray gave up retrying): the partition may be computed
+    again. Anything else is an error a task raised: the run cannot go on."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return isinstance(getattr(err, "cause", None), ray.exceptions.RayError)
+    if isinstance(err, ray.exceptions.RayActorError) and getattr(err, "actor_init_failed", False):
+        return False  # its constructor raised (a node check): building it again would fail again
+    return True
 
 
 def _task_failed(err: Exception) -> Exception:
