@@ -75,6 +75,15 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, object]:
               help="Recall@8 against exact search that tuning aims at; higher is slower per query.")
 @click.option("--embed-in", type=click.Choice(["auto", "main", "workers"]), default="auto", show_default=True,
               help="Where a torch embedder runs: main (batched, GPU), workers (one thread each, CPU).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the partitions are computed: local worker processes, or a Ray cluster (pip install 'facesearch[ray]').")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT), or local to start Ray "
+                   "here [default: RAY_ADDRESS, else a cluster started here with ray start, else local].")
+@click.option("--ray-embed-gpus", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --engine ray: embed on N actors with one GPU each, while CPU tasks detect (0: all on CPUs).")
+@click.option("--ray-runtime-env", default=None, metavar="JSON",
+              help="With --engine ray: a Ray runtime_env merged over the default (env_vars PYTHONPATH=this code).")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--detector-option", "detector_kv", multiple=True, metavar="KEY=VALUE",
@@ -87,7 +96,7 @@ def run(
     dataset_root: str, fmt: str, gallery_dir: str, split: str, limit: int | None, workers: int | None,
     partition_size: int, detector: str, landmarks: str, embedder_name: str, flip: bool, upsample: str,
     max_side: int | None, max_faces: int | None, max_pixels: int, index_type: str, target_recall: float, embed_in: str,
-    overwrite: bool,
+    engine: str, ray_address: str | None, ray_embed_gpus: int, ray_runtime_env: str | None, overwrite: bool,
     progress: bool, detector_kv: tuple[str, ...], landmarks_kv: tuple[str, ...], embedder_kv: tuple[str, ...],
 ) -> None:
     """Index every face of a dataset into a gallery directory.
@@ -97,7 +106,12 @@ def run(
     Example:
 
         face-index run ../shared/data/celeba --format celeba --limit 300 --out /tmp/gallery
+
+    On a Ray cluster (the gallery and dataset on a filesystem every node mounts):
+
+        face-index run /shared/celeba --format celeba --out /shared/gallery --engine ray --ray-address auto
     """
+    mapper_engine = _engine(engine, workers, embed_in, ray_address, ray_embed_gpus, ray_runtime_env)
     detector_options: dict[str, object] = {}
     if upsample is not None:
         if not (upsample.isdigit() or upsample in ("adaptive", "always-small")):
@@ -116,8 +130,12 @@ def run(
         dataset_root=dataset_root, format=fmt, split=split, limit=limit,
         partition_size=partition_size, max_pixels=max_pixels, pipeline=pipeline,
     )
-    summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress, index_type=index_type,
-                        embed_in=embed_in, target_recall=target_recall)
+    if mapper_engine is None:
+        summary = run_index(config, gallery_dir, workers=workers, overwrite=overwrite, progress=progress,
+                            index_type=index_type, embed_in=embed_in, target_recall=target_recall)
+    else:
+        summary = run_index(config, gallery_dir, overwrite=overwrite, progress=progress, index_type=index_type,
+                            target_recall=target_recall, engine=mapper_engine)
     if summary.up_to_date:
         click.echo(f"{summary.gallery_dir} is up to date with its dataset: {summary.images} images, nothing to do")
         return
@@ -126,6 +144,32 @@ def run(
         summary.images, summary.faces_written, summary.failures_written, summary.gallery_dir,
         summary.partitions_written, summary.partitions_done_before,
     )
+
+
+def _engine(engine: str, workers: int | None, embed_in: str, address: str | None, embed_gpus: int,
+            runtime_env: str | None):  # noqa: ANN202 - a RayEngine, or None for the local engine
+    """The --engine options checked together; None means the local engine."""
+    if engine == "local":
+        for flag, given in (("--ray-address", address is not None), ("--ray-embed-gpus", embed_gpus != 0),
+                            ("--ray-runtime-env", runtime_env is not None)):
+            if given:
+                raise click.BadParameter("only with --engine ray", param_hint=flag)
+        return None
+    if workers is not None:
+        raise click.BadParameter("is for the local engine; Ray runs one task per CPU of the cluster", param_hint="--workers")
+    if embed_in != "auto":
+        raise click.BadParameter("is for the local engine; with --engine ray use --ray-embed-gpus N", param_hint="--embed-in")
+    env = None
+    if runtime_env is not None:
+        try:
+            env = json.loads(runtime_env)
+        except json.JSONDecodeError as err:
+            raise click.BadParameter(f"not JSON: {err}", param_hint="--ray-runtime-env") from None
+        if not isinstance(env, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--ray-runtime-env")
+    from indexer.ray_engine import RayEngine
+
+    return RayEngine(address=address, embed_gpus=embed_gpus, runtime_env=env)
 
 
 @main.command()

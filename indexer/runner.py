@@ -3,6 +3,11 @@
 Rerunning the same command after an interruption (Ctrl-C, kill -9) computes
 only the partitions that have no manifest file yet; the result equals an
 uninterrupted run.
+
+An *engine* maps the partitions still to do: ``LocalEngine`` (a process pool on
+this machine, the default) or ``indexer.ray_engine.RayEngine`` (a Ray cluster).
+Everything else (options, listing, lock, run.json, resume checks, build) is the
+runner's, whatever the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
 import pyarrow.parquet as pq
 
@@ -91,6 +97,58 @@ def _ordered(
         yield pending.popleft().result()
 
 
+@dataclass(frozen=True)
+class PartitionJob:
+    """What an engine maps: ``todo`` (partitions without a manifest part) of ``partitions``
+    (all of the run's, in order), each written with ``writer.write_partition`` once complete
+    and with face ids that continue from the partitions before it (``FaceIds``)."""
+
+    layout: GalleryLayout
+    config: RunConfig
+    listing: DatasetListing
+    pipeline: FacePipeline
+    partitions: Sequence[Partition]
+    todo: Sequence[Partition]
+    progress: bool
+
+
+class Engine(Protocol):
+    """Maps the partitions of a run. Entered (``with engine:``) before the writer lock is
+    taken, so that a cluster that cannot be reached fails before anything is written."""
+
+    def __enter__(self) -> "Engine": ...
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None: ...
+
+    def describe(self) -> str:
+        """Where the work runs, for the log (e.g. "2 workers")."""
+        ...
+
+    def map_partitions(self, job: PartitionJob) -> RunSummary: ...
+
+
+class LocalEngine:
+    """Worker processes on this machine (``map_records``): the default engine."""
+
+    def __init__(self, workers: int | None = None, embed_in: str = "auto") -> None:
+        self.workers = _check_run_options(workers, embed_in)
+        self.embed_in = embed_in
+
+    def __enter__(self) -> "LocalEngine":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+    def describe(self) -> str:
+        return f"{self.workers} workers"
+
+    def map_partitions(self, job: PartitionJob) -> RunSummary:
+        embed_in = _resolve_embed_in(self.embed_in, job.pipeline, self.workers)
+        return _map_partitions(job.layout, job.config, job.listing, job.pipeline, job.partitions, job.todo,
+                               self.workers, embed_in, job.progress)
+
+
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
     from tqdm import tqdm
 
@@ -107,6 +165,7 @@ def run_index(
     index_type: str = "auto",
     embed_in: str = "auto",
     target_recall: float = 0.95,
+    engine: Engine | None = None,
 ) -> RunSummary:
     """Index ``config``'s dataset into ``gallery_dir``, resuming an earlier run.
 
@@ -118,11 +177,16 @@ def run_index(
         batches; best on a GPU), "workers" (each worker embeds its own images
         on one thread; best on a CPU, no oversubscription, no crops sent
         between processes) or "auto" (main on CUDA, workers otherwise).
+    engine: what maps the partitions; default ``LocalEngine(workers, embed_in)``. With
+        another engine (``indexer.ray_engine.RayEngine``) leave workers and embed_in unset.
 
     On a gallery that is already built, nothing is recomputed: the run says the
     gallery is up to date, or raises DatasetChangedError pointing to face-index sync.
     """
-    workers = _check_run_options(workers, embed_in)
+    if engine is None:
+        engine = LocalEngine(workers, embed_in)
+    elif workers is not None or embed_in != "auto":
+        raise ConfigurationError("workers and embed_in belong to the local engine; set them on the engine instead")
     # Fail fast on bad settings (unknown backends, an empty dataset) before
     # touching the disk, and record every backend option as resolved now
     # (defaults may change later).
@@ -133,7 +197,7 @@ def run_index(
     if not listing.records:
         raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
     layout = GalleryLayout(Path(gallery_dir))
-    with WriterLock(layout.root, "face-index run"):
+    with engine, WriterLock(layout.root, "face-index run"):
         if overwrite:
             discard_gallery(layout)
         resumed = check_or_write_run_config(layout.root, config)
@@ -147,12 +211,11 @@ def run_index(
         if resumed:
             log.info("resuming: %d of %d partitions already done", len(partitions) - len(todo), len(partitions))
         log.info(
-            "indexing %d images of %s (%s) into %s: %d partitions of up to %d, %d workers",
+            "indexing %d images of %s (%s) into %s: %d partitions of up to %d, %s",
             len(listing.records), listing.root, listing.format, layout.root, len(partitions), config.partition_size,
-            workers,
+            engine.describe(),
         )
-        embed_in = _resolve_embed_in(embed_in, pipeline, workers)
-        summary = _map_partitions(layout, config, listing, pipeline, partitions, todo, workers, embed_in, progress)
+        summary = engine.map_partitions(PartitionJob(layout, config, listing, pipeline, partitions, todo, progress))
         summary = dataclasses.replace(summary, skipped=len(listing.skipped))
         if build:
             build_gallery(layout.root, index_type=index_type, listing=listing, target_recall=target_recall)
@@ -249,7 +312,7 @@ def _map_partitions(
     start = time.perf_counter()
     faces_written = failures_written = processed = 0
     first_result: tuple[float, int] | None = None  # when the first images came back: start-up is over
-    face_ids = _FaceIds(layout, partitions)
+    face_ids = FaceIds(layout, partitions)
     bar = _progress(len(listing.records), progress)
     pending = {p.name for p in todo}
     bar.update(sum(len(p.records) for p in partitions if p.name not in pending))
@@ -372,9 +435,10 @@ class _MapperPool:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-class _FaceIds:
+class FaceIds:
     """Face ids continue from the partitions before: partitions are written in
-    order, so those are complete (build re-checks contiguity)."""
+    order, so those are complete (build re-checks contiguity). ``counts``: faces
+    per partition index, of those written (or, for the Ray engine, computed)."""
 
     def __init__(self, layout: GalleryLayout, partitions: Sequence[Partition]) -> None:
         self.counts: dict[int, int] = {}

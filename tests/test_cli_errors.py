@@ -131,3 +131,19 @@ def test_bot_without_a_token(not_a_gallery, monkeypatch):
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     result = CliRunner().invoke(face_search, ["bot", "--gallery", not_a_gallery])
     assert_clean_error(result, "TELEGRAM_BOT_TOKEN")
+
+
+@pytest.mark.parametrize("args, flag, fragment", [
+    (["--ray-address", "auto"], "--ray-address", "only with --engine ray"),
+    (["--ray-embed-gpus", "2"], "--ray-embed-gpus", "only with --engine ray"),
+    (["--engine", "ray", "--workers", "2"], "--workers", "is for the local engine"),
+    (["--engine", "ray", "--embed-in", "main"], "--embed-in", "--ray-embed-gpus N"),
+    (["--engine", "ray", "--ray-runtime-env", "[1]"], "--ray-runtime-env", "must be a JSON object"),
+], ids=["address", "gpus", "workers", "embed-in", "runtime-env"])
+def test_engine_options_that_do_not_go_together(args, flag, fragment, tmp_path):
+    """Refused as usage errors (exit 2) before anything is read or written; Ray is not needed for that."""
+    out = tmp_path / "g"
+    result = CliRunner().invoke(face_index, ["run", str(CELEBA), "--format", "celeba", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert flag in result.output and fragment in result.output, result.output
+    assert not out.exists()
