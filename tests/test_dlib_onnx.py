@@ -1,0 +1,116 @@
+"""dlib's ResNet as an ONNX graph (dlib-resnet-onnx): built in memory from the
+.dat file, equal to dlib-resnet-torch and to dlib itself on real faces."""
+
+from __future__ import annotations
+
+import builtins
+import os
+
+import numpy as np
+import pytest
+
+from embedder.backends import dlib_dat as dd
+from embedder.backends.base import BackendUnavailableError
+from embedder.registry import available, create
+from tests.conftest import CELEBA, LFW, PHOTOS
+
+MODEL = dd.default_model_path()
+pytestmark = pytest.mark.skipif(not os.path.isfile(MODEL), reason=f"model file missing: {MODEL}")
+
+
+def test_registry_lists_the_onnx_embedder_and_builds_it_lazily():
+    assert "dlib-resnet-onnx" in available("embedder")
+    assert "dlib-resnet-torch" in available("embedder")  # still there
+    embedder = create("embedder", "dlib-resnet-onnx", batch_size=4)
+    assert embedder._model is None  # nothing loaded by the factory
+    assert embedder.options() == {"batch_size": 4, "threads": None}
+    assert embedder.crop.name == create("embedder", "dlib-resnet-torch").crop.name
+    with pytest.raises(ValueError, match="batch_size"):
+        create("embedder", "dlib-resnet-onnx", batch_size=0)
+    with pytest.raises(ValueError, match="threads"):
+        create("embedder", "dlib-resnet-onnx", threads=0)
+
+
+def _hide(monkeypatch, *names: str) -> None:
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if name.split(".")[0] in names:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_onnxruntime_raises_a_clear_error(monkeypatch):
+    _hide(monkeypatch, "onnxruntime")
+    embedder = create("embedder", "dlib-resnet-onnx")
+    with pytest.raises(BackendUnavailableError, match="pip install onnxruntime") as info:
+        embedder.embed(np.zeros((1, 150, 150, 3), np.uint8))
+    assert "dlib-resnet-torch" in str(info.value)
+
+
+def test_missing_onnx_raises_a_clear_error(monkeypatch):
+    _hide(monkeypatch, "onnx")
+    embedder = create("embedder", "dlib-resnet-onnx")
+    with pytest.raises(BackendUnavailableError, match="pip install onnx"):
+        embedder.embed(np.zeros((1, 150, 150, 3), np.uint8))
+
+
+def test_shapes_norms_and_batching():
+    embedder = create("embedder", "dlib-resnet-onnx", batch_size=3)
+    chips = np.random.default_rng(0).integers(0, 256, (7, 150, 150, 3), dtype=np.uint8)
+    out = embedder.embed(chips)
+    assert out.shape == (7, 128) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    whole = create("embedder", "dlib-resnet-onnx", batch_size=64).embed(chips)
+    assert (out * whole).sum(1).min() >= 0.99999
+    assert embedder.embed(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 128)
+    with pytest.raises(ValueError, match="150,150,3"):
+        embedder.embed(np.zeros((1, 112, 112, 3), np.uint8))
+
+
+def _real_crops() -> np.ndarray:
+    from data.images import load_image
+    from embedder.pipeline import FacePipeline
+
+    pipeline = FacePipeline(embedder="dlib-resnet-torch")
+    paths = sorted((CELEBA / "img_align_celeba").glob("*.jpg"))[::150]
+    paths += [sorted(d.glob("*.jpg"))[0] for d in sorted((LFW / "lfw").iterdir())[::300] if d.is_dir()]
+    paths += sorted(PHOTOS.glob("*.jpg"))[:2]
+    crops = [pipeline.prepare(load_image(p))[1] for p in paths]
+    crops = np.concatenate([c for c in crops if len(c)])
+    assert len(crops) >= 40
+    return crops
+
+
+@pytest.mark.needs_data
+def test_onnx_embeddings_equal_torch_and_dlib_on_real_faces():
+    pytest.importorskip("torch")
+    import dlib
+
+    crops = _real_crops()
+    got = create("embedder", "dlib-resnet-onnx").embed(crops).astype(np.float64)
+    torch_vectors = create("embedder", "dlib-resnet-torch", device="cpu").embed(crops).astype(np.float64)
+    cosine = (got * torch_vectors).sum(axis=1)
+    assert cosine.min() >= 0.9999, cosine.min()
+    assert cosine.min() >= 0.999999  # in practice float rounding only
+    reference = dlib.face_recognition_model_v1(MODEL)
+    few = crops[::8]
+    expected = np.array([np.array(reference.compute_face_descriptor(np.ascontiguousarray(c))) for c in few])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert (expected * got[::8]).sum(axis=1).min() >= 0.9999
+
+
+@pytest.mark.needs_data
+def test_pipeline_with_the_onnx_embedder_records_its_backend():
+    from data.images import load_image
+    from embedder.pipeline import FacePipeline
+
+    pipeline = FacePipeline(embedder="dlib-resnet-onnx")
+    faces = pipeline(load_image(sorted((CELEBA / "img_align_celeba").glob("*.jpg"))[0]))
+    assert len(faces) == 1 and faces[0].embedding.shape == (128,)
+    resolved = pipeline.resolved_config()
+    assert resolved.embedder == "dlib-resnet-onnx"
+    assert resolved.embedder_options == {"batch_size": 32, "threads": None}
+    assert pipeline.describe()["embedder"]["version"].startswith("onnxruntime ")
