@@ -114,3 +114,24 @@ def test_pipeline_with_the_onnx_embedder_records_its_backend():
     assert resolved.embedder == "dlib-resnet-onnx"
     assert resolved.embedder_options == {"batch_size": 32, "threads": None}
     assert pipeline.describe()["embedder"]["version"].startswith("onnxruntime ")
+
+
+@pytest.mark.needs_data
+def test_a_gallery_built_with_the_old_default_keeps_its_embedder(tmp_path):
+    """Galleries record their resolved pipeline: one built with dlib-resnet-torch (the
+    default before dlib-resnet-onnx) is searched, added to and resumed with torch."""
+    pytest.importorskip("torch")
+    from data.images import load_image
+    from embedder.pipeline import PipelineConfig
+    from indexer import RunConfig, run_index
+    from search import Searcher
+
+    old = PipelineConfig(embedder="dlib-resnet-torch")
+    config = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=8, partition_size=8, pipeline=old)
+    run_index(config, tmp_path / "g", workers=0, progress=False)
+    searcher = Searcher(str(tmp_path / "g"))
+    assert searcher.pipeline.embedder.name == "dlib-resnet-torch"
+    assert searcher.gallery.info.pipeline_config["embedder"] == "dlib-resnet-torch"
+    query = load_image(sorted((CELEBA / "img_align_celeba").glob("18*.jpg"))[0])
+    (result,) = searcher.search(query, k=1)
+    assert result.matches[0].cosine > 0.99999  # the same image is in the gallery: same embedder, same vector
