@@ -135,3 +135,15 @@ def test_a_gallery_built_with_the_old_default_keeps_its_embedder(tmp_path):
     query = load_image(sorted((CELEBA / "img_align_celeba").glob("18*.jpg"))[0])
     (result,) = searcher.search(query, k=1)
     assert result.matches[0].cosine > 0.99999  # the same image is in the gallery: same embedder, same vector
+
+
+def test_resuming_a_run_started_with_the_old_default_names_its_embedder(tmp_path):
+    from embedder.pipeline import PipelineConfig
+    from indexer.config import ConfigMismatchError, RunConfig, check_or_write_run_config
+
+    old = RunConfig(dataset_root=str(tmp_path), format="folder", pipeline=PipelineConfig(embedder="dlib-resnet-torch"))
+    assert check_or_write_run_config(tmp_path / "g", old) is False
+    assert check_or_write_run_config(tmp_path / "g", old) is True
+    new = RunConfig(dataset_root=str(tmp_path), format="folder")
+    with pytest.raises(ConfigMismatchError, match="started with --embedder dlib-resnet-torch"):
+        check_or_write_run_config(tmp_path / "g", new)
