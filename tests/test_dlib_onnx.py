@@ -147,3 +147,22 @@ def test_resuming_a_run_started_with_the_old_default_names_its_embedder(tmp_path
     new = RunConfig(dataset_root=str(tmp_path), format="folder")
     with pytest.raises(ConfigMismatchError, match="started with --embedder dlib-resnet-torch"):
         check_or_write_run_config(tmp_path / "g", new)
+
+
+def test_onnxruntime_telemetry_is_off_and_leaves_no_file(tmp_path):
+    """onnxruntime's Linux wheels write a session file into TMPDIR on import (1DS
+    telemetry) unless ORT_DISABLE_TELEMETRY=1; the backend sets it before importing."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import os, numpy as np; from embedder.pipeline import FacePipeline; "
+            "FacePipeline().embedder.embed(np.zeros((1, 150, 150, 3), np.uint8)); "
+            "print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**env, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1"
+    assert list(tmp_path.iterdir()) == []

@@ -34,8 +34,11 @@ def _group(pgid: int) -> list[str]:
 def _start(out: Path, limit: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "indexer.cli", "run", str(CELEBA), "--format", "celeba", "--split", "test",
            "--limit", str(limit), "--workers", "2", "--no-progress", "--out", str(out)]
+    # SIGINT back to its default: a shell that runs pytest in the background ignores it,
+    # and the child would inherit that (a terminal's Ctrl-C reaches a process that handles it).
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_no_process_left_after_a_run(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedder.align import DLIB5_UNIT, AlignTemplate, dlib_chip_template
-from embedder.backends.base import BackendUnavailableError, LazyModel, model_path
+from embedder.backends.base import BackendUnavailableError, LazyModel, import_onnxruntime, model_path
 from embedder.geometry import estimate_similarity, transform_points
 from embedder.registry import register
 from embedder.types import Detection
@@ -367,13 +367,7 @@ class DlibResnetOnnxEmbedder(LazyModel):
         self.threads = threads
 
     def _load(self) -> Any:
-        try:
-            import onnxruntime
-        except ImportError as err:
-            raise BackendUnavailableError(
-                "the dlib-resnet-onnx embedder needs onnxruntime: pip install onnxruntime "
-                "(or choose --embedder dlib-resnet-torch)"
-            ) from err
+        onnxruntime = import_onnxruntime("dlib-resnet-onnx", " (or choose --embedder dlib-resnet-torch)")
         try:
             from embedder.backends.dlib_onnx import build_dlib_resnet_onnx
 
