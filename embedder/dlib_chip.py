@@ -14,7 +14,10 @@ differs from it in ways that move embeddings by up to 7e-4 in cosine:
 
 Rules from dlib/image_transforms/interpolation.h (chip_details,
 extract_image_chips, interpolate_bilinear) and image_pyramid.h
-(pyramid_down<2>). Pure functions; numpy only.
+(pyramid_down<2>). Pure functions; numpy only, except that
+:func:`extract_dlib_chip` hands the sampling to dlib's own
+``extract_image_chip`` when dlib is installed (about 6x faster, the same
+pixels: the numpy port is the reference that tests compare it with).
 """
 
 from __future__ import annotations
@@ -122,10 +125,39 @@ def _affine_from_3(src: list[tuple[float, float]], dst: list[tuple[float, float]
     return np.linalg.solve(a, np.array(dst)).T  # 2x3
 
 
-def extract_dlib_chip(image: np.ndarray, points: np.ndarray, template_points: np.ndarray, size: int) -> np.ndarray:
+_DLIB: list = []  # [module or None] once looked up
+
+
+def _native_dlib() -> object | None:
+    """dlib, if it is installed (looked up once); None otherwise."""
+    if not _DLIB:
+        try:
+            import dlib
+        except ImportError:
+            dlib = None
+        _DLIB.append(dlib)
+    return _DLIB[0]
+
+
+def extract_dlib_chip(image: np.ndarray, points: np.ndarray, template_points: np.ndarray, size: int,
+                      native: bool | None = None) -> np.ndarray:
     """The ``size`` x ``size`` chip dlib's ``get_face_chip`` would cut for
-    these landmarks (``template_points`` in chip pixels, e.g. the padded dlib-5 template)."""
+    these landmarks (``template_points`` in chip pixels, e.g. the padded dlib-5 template).
+
+    native: sample with dlib's ``extract_image_chip`` (None: when dlib is installed
+    and the image is RGB uint8), else with the numpy port below; same pixels."""
     rect, angle = chip_details(np.asarray(points, np.float64), np.asarray(template_points, np.float64), size)
+    dlib = _native_dlib() if native is not False else None
+    if native and dlib is None:
+        raise ImportError("native=True needs dlib")
+    if dlib is not None and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        details = dlib.chip_details(dlib.drectangle(*rect), dlib.chip_dims(size, size), angle)
+        return np.asarray(dlib.extract_image_chip(np.ascontiguousarray(image), details))
+    return _extract_numpy(image, rect, angle, size)
+
+
+def _extract_numpy(image: np.ndarray, rect: Rect, angle: float, size: int) -> np.ndarray:
+    """dlib's extract_image_chip, in numpy, for the rectangle and angle of :func:`chip_details`."""
     rows = cols = size
     height, width = image.shape[:2]
     left, top, right, bottom = rect

@@ -34,7 +34,7 @@ class PipelineConfig:
 
     detector: str = "dlib-hog"
     landmarks: str = "dlib-5"
-    embedder: str = "dlib-resnet-torch"
+    embedder: str = "dlib-resnet-onnx"
     flip: bool = False
     max_faces: int | None = None
     min_face: float = 0.0

@@ -47,7 +47,9 @@ def configure_process(torch_threads: int | None = None, exact_fp32: bool = True)
     """Set the process-wide switches; call once where the process starts (a later call replaces them).
 
     torch_threads: torch's intra-op thread count (``torch.set_num_threads``);
-        None leaves torch's default (one per core, or OMP_NUM_THREADS).
+        None leaves torch's default (one per core, or OMP_NUM_THREADS). ONNX
+        Runtime sessions (``dlib-resnet-onnx``) read it through
+        :func:`configured_threads` when they load.
     exact_fp32: turn TF32 off for cuDNN convolutions and CUDA matmuls, so that
         fp32 on a GPU computes what it does on a CPU (``dlib-resnet-torch``
         equals dlib only so). False leaves torch's defaults.
@@ -61,6 +63,12 @@ def configure_process(torch_threads: int | None = None, exact_fp32: bool = True)
         _apply(torch)
     elif not any(isinstance(finder, _ApplyAfterTorchImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _ApplyAfterTorchImport())
+
+
+def configured_threads() -> int | None:
+    """The intra-op thread count :func:`configure_process` was given (None: not set).
+    Backends on other runtimes than torch (ONNX Runtime sessions) follow it too."""
+    return None if _settings is None else _settings.torch_threads
 
 
 def _apply(torch: ModuleType) -> None:

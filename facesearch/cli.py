@@ -2,7 +2,9 @@
 
 ``ErrorHandlingGroup`` turns every :class:`FaceSearchError` raised by any
 command into one line on stderr and exit code 1 (click keeps exit code 2 for
-usage errors), so no command needs its own ``except`` tuple.
+usage errors), so no command needs its own ``except`` tuple. When a command
+ends, it stops the helper processes multiprocessing started (the resource
+tracker), so that none outlives the command.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import click
 
 from facesearch.errors import FaceSearchError
 from facesearch.logs import setup_logging
+from facesearch.processes import stop_helper_processes
 
 
 class ErrorHandlingGroup(click.Group):
@@ -25,6 +28,8 @@ class ErrorHandlingGroup(click.Group):
             raise click.ClickException(str(err)) from err
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; rerun the same command to resume") from None
+        finally:
+            stop_helper_processes()  # no process of the command outlives it
 
 
 def tool_group(*process_setup: Callable[[], None]) -> Callable[[Callable[[], None]], click.Group]:

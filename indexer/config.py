@@ -66,8 +66,13 @@ def check_or_write_run_config(gallery_dir: Path, config: RunConfig) -> bool:
         ours = config.to_dict()
         if stored != ours:
             changed = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+            hint = ""
+            stored_embedder = (stored.get("pipeline") or {}).get("embedder")
+            if stored_embedder and stored_embedder != ours["pipeline"]["embedder"]:
+                # e.g. a run started before the default embedder changed (issue 15)
+                hint = f" (it was started with --embedder {stored_embedder})"
             raise ConfigMismatchError(
-                f"{gallery_dir} holds a run with other settings ({', '.join(changed)} differ); "
+                f"{gallery_dir} holds a run with other settings ({', '.join(changed)} differ){hint}; "
                 "rerun with the same settings to resume, or use --overwrite to start afresh"
             )
         return True

@@ -15,6 +15,7 @@ from embedder.align import (
     dlib_chip_template,
 )
 from embedder.geometry import estimate_similarity, transform_points
+from embedder.dlib_chip import extract_dlib_chip
 from embedder.types import LANDMARK_NAMES, Detection
 from tests.conftest import CELEBA, LFW, PHOTOS
 
@@ -79,10 +80,33 @@ def test_dlib_chip_matches_dlib_get_face_chip(pipeline):
         )
         theirs = dlib.get_face_chip(image, shape, size=150, padding=0.25).astype(int)
         assert np.array_equal(ours, theirs)  # pixel for pixel, pyramid (group photo) included
+        template = pipeline.embedder.crop
+        port = extract_dlib_chip(image, det.keypoints, template.array(), 150, native=False).astype(int)
+        assert np.array_equal(port, theirs)  # the numpy port too
         # The chip matrix maps the keypoints onto dlib's template.
         template = pipeline.embedder.crop
         mapped = transform_points(align_matrix(det, template), det.keypoints)
         assert np.abs(mapped - template.array()).max() < 6
+
+
+@pytest.mark.needs_data
+def test_native_chip_sampling_equals_the_numpy_port_on_many_faces(pipeline):
+    """extract_dlib_chip hands the sampling to dlib when it can: the same pixels as the
+    numpy port, on CelebA crops, LFW images (faces at the border) and group photos."""
+    template = pipeline.embedder.crop
+    paths = sorted((CELEBA / "img_align_celeba").glob("*.jpg"))[::300]
+    paths += [sorted(d.glob("*.jpg"))[0] for d in sorted((LFW / "lfw").iterdir())[::400] if d.is_dir()]
+    paths += sorted(PHOTOS.glob("*.jpg"))
+    faces = 0
+    for path in paths:
+        image = load_image(path)
+        for det in pipeline.detect(image):
+            native = extract_dlib_chip(image, det.keypoints, template.array(), 150, native=True)
+            port = extract_dlib_chip(image, det.keypoints, template.array(), 150, native=False)
+            assert native.dtype == np.uint8 and native.shape == (150, 150, 3)
+            assert np.array_equal(native, port), path
+            faces += 1
+    assert faces >= 40
 
 
 @pytest.mark.needs_data

@@ -134,18 +134,22 @@ def test_dlib68_measures_what_dlib5_estimates():
 
 
 @pytest.mark.needs_data
-def test_default_torch_embedder_equals_dlibs_own():
-    """The default (torch) pipeline and dlib's own embedder agree on real faces,
-    border-crossing and group-photo faces included."""
-    torch_pipeline = FacePipeline()
-    assert torch_pipeline.config.embedder == "dlib-resnet-torch" and torch_pipeline.embeds_in_batches
+@pytest.mark.parametrize("embedder", ["dlib-resnet-onnx", "dlib-resnet-torch"])
+def test_default_and_torch_embedders_equal_dlibs_own(embedder):
+    """The default (ONNX Runtime) pipeline, the torch one and dlib's own embedder agree
+    on real faces, border-crossing and group-photo faces included."""
+    ours_pipeline = FacePipeline(embedder=embedder)
+    if embedder == "dlib-resnet-onnx":
+        assert FacePipeline().config.embedder == embedder and not ours_pipeline.embeds_in_batches
+    else:
+        assert ours_pipeline.embeds_in_batches
     dlib_pipeline = FacePipeline(embedder="dlib-resnet")
     paths = [CELEBA / "img_align_celeba" / n for n in ("000001.jpg", "182638.jpg", "182639.jpg")]
     paths += [LFW / "lfw" / "Li_Ka-shing" / "Li_Ka-shing_0001.jpg", PHOTOS / "group1.jpg"]
     count = 0
     for path in paths:
         image = load_image(path)
-        ours, theirs = torch_pipeline(image), dlib_pipeline(image)
+        ours, theirs = ours_pipeline(image), dlib_pipeline(image)
         assert len(ours) == len(theirs) >= 1
         for a, b in zip(ours, theirs):
             assert float(a.embedding @ b.embedding) >= 0.9999

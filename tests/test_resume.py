@@ -119,10 +119,14 @@ def test_overwrite_with_bad_settings_loses_nothing(tmp_path):
 
 def test_embedding_in_main_process_equals_embedding_in_workers(tmp_path, caplog):
     """--embed-in main (workers stop at crops, this process embeds batches: the
-    GPU layout) gives the same gallery as embedding in the workers."""
+    GPU layout) gives the same gallery as embedding in the workers. Only a batched
+    embedder (torch) embeds in the main process; the default ONNX one always embeds
+    in the workers."""
+    from embedder.pipeline import PipelineConfig
     from indexer import RunConfig, run_index
 
-    config = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=24, partition_size=10)
+    config = RunConfig(dataset_root=str(CELEBA), format="celeba", split="test", limit=24, partition_size=10,
+                       pipeline=PipelineConfig(embedder="dlib-resnet-torch"))
     tables = {}
     for mode, where in (("main", "the main process"), ("workers", "the workers")):
         caplog.clear()

@@ -32,6 +32,25 @@ def model_path(name: str) -> str:
     return path
 
 
+def import_onnxruntime(backend: str, alternative: str = "") -> Any:
+    """``onnxruntime``, imported with its telemetry off.
+
+    Official onnxruntime wheels for Linux (1.2x and later) carry 1DS telemetry: on
+    import they write a session file into TMPDIR (and a device id under
+    ~/.cache) and may upload usage events. ``ORT_DISABLE_TELEMETRY=1``, set before
+    the import, turns all of that off; it is set here unless the environment
+    already says otherwise. ``backend`` and ``alternative`` word the error when
+    onnxruntime is missing."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"the {backend} backend needs onnxruntime: pip install onnxruntime{alternative}"
+        ) from err
+    return onnxruntime
+
+
 class LazyModel:
     """Loads a model on first use (``_get()`` calls the subclass's ``_load()``), never at import.
 

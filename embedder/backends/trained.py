@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedder.align import ARCFACE_112, AlignTemplate
-from embedder.backends.base import BackendUnavailableError, LazyModel
+from embedder.backends.base import BackendUnavailableError, LazyModel, import_onnxruntime
 from embedder.crops import square_crop
 from embedder.registry import register
 from embedder.types import Detection
@@ -202,10 +202,7 @@ class OnnxArcFace(_TorchLazy):
         return self._get()
 
     def _load(self) -> Any:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise BackendUnavailableError("onnx-arcface needs onnxruntime: pip install onnxruntime") from err
+        ort = import_onnxruntime("onnx-arcface")
         providers = self.providers or ort.get_available_providers()
         try:
             session = ort.InferenceSession(str(self._path), providers=providers)
