@@ -1,6 +1,6 @@
 """Images/s and peak memory of ``face-index run`` on real CelebA and LFW images.
 
-Usage: python benchmarks/throughput.py [--images 500] [--workers 1 2] [--out bench-out/throughput.json]
+Usage: python benchmarks/throughput.py [--images 500 [2000 ...]] [--workers 1 2] [--out bench-out/throughput.json]
            [--variant "dlib-only=--embedder dlib-resnet --upsample always-small"] ...
            [--datasets celeba lfw] [--ratio-to dlib-only] [--repeat 1]
 
@@ -22,6 +22,7 @@ every 50 ms; "per process" the largest RSS of any one process of the tree.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -84,7 +85,8 @@ def run_once(dataset: str, fmt: str, extra: list[str], images: int, workers: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, nargs="+", default=[500],
+                        help="image counts to run (several show how speed and memory grow with the run)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="bench-out/throughput.json")
     parser.add_argument("--variant", action="append", default=None,
@@ -102,24 +104,23 @@ def main() -> None:
     ]
     datasets = [d for d in datasets if d[2] in args.datasets]
     rows = []
-    for label, root, fmt, extra in datasets:
-        for workers in args.workers:
-            best: dict[str, dict] = {}
-            for _ in range(args.repeat):
-                for name, options in variants:
-                    row = {"dataset": label, "pipeline": name,
-                           **run_once(root, fmt, extra + shlex.split(options), args.images, workers)}
-                    print(json.dumps(row), flush=True)
-                    if name not in best or row["wall_s"] < best[name]["wall_s"]:
-                        best[name] = row
-            base = best.get(args.ratio_to) if args.ratio_to else None
-            for name, _ in variants:
-                row = best[name]
-                if base is not None:
-                    row["wall_ratio"] = round(base["wall_s"] / row["wall_s"], 2)
-                    row["rate_ratio"] = round(row["images_per_s"] / base["images_per_s"], 2)
-                    row["steady_ratio"] = round(row["steady_images_per_s"] / base["steady_images_per_s"], 2)
-                rows.append(row)
+    for (label, root, fmt, extra), images, workers in itertools.product(datasets, args.images, args.workers):
+        best: dict[str, dict] = {}
+        for _ in range(args.repeat):
+            for name, options in variants:
+                row = {"dataset": label, "pipeline": name,
+                       **run_once(root, fmt, extra + shlex.split(options), images, workers)}
+                print(json.dumps(row), flush=True)
+                if name not in best or row["wall_s"] < best[name]["wall_s"]:
+                    best[name] = row
+        base = best.get(args.ratio_to) if args.ratio_to else None
+        for name, _ in variants:
+            row = best[name]
+            if base is not None:
+                row["wall_ratio"] = round(base["wall_s"] / row["wall_s"], 2)
+                row["rate_ratio"] = round(row["images_per_s"] / base["images_per_s"], 2)
+                row["steady_ratio"] = round(row["steady_images_per_s"] / base["steady_images_per_s"], 2)
+            rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     ratio = f" x {args.ratio_to}: wall | x: images/s | x: after start-up |" if args.ratio_to else ""

@@ -189,7 +189,10 @@ class FaceMapper:
 _WORKER_MAPPER: FaceMapper | None = None
 
 
-def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
+def init_worker(pipeline: PipelineConfig, max_pixels: int) -> None:
+    """Set up a worker process: its mapper, and every model loaded now (``warm_up``),
+    so that a pool started early has its models ready when the first images come.
+    The dataset root comes with each task."""
     global _WORKER_MAPPER
     import signal
 
@@ -198,18 +201,25 @@ def init_worker(root: str, pipeline: PipelineConfig, max_pixels: int) -> None:
     # Each worker runs one image at a time: keep native thread pools to one thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     configure_process(torch_threads=1)
-    _WORKER_MAPPER = FaceMapper(root, pipeline, max_pixels)
+    _WORKER_MAPPER = FaceMapper("", pipeline, max_pixels)
+    try:
+        _WORKER_MAPPER.pipeline.warm_up()
+    except Exception as err:  # noqa: BLE001 - the first image meets it again, and records it as its failure
+        log.warning("worker could not load its models: %s: %s", type(err).__name__, err)
 
 
-def map_in_worker(records: Sequence[ImageRecord]) -> list[MappedImage]:
-    """Every stage, embedding included, in the worker."""
+def _worker_mapper(root: str) -> FaceMapper:
     if _WORKER_MAPPER is None:  # pragma: no cover - misuse
         raise RuntimeError("worker not initialised")
-    return _WORKER_MAPPER(records)
+    _WORKER_MAPPER.root = root
+    return _WORKER_MAPPER
 
 
-def prepare_in_worker(records: Sequence[ImageRecord]) -> list[PreparedImage]:
+def map_in_worker(root: str, records: Sequence[ImageRecord]) -> list[MappedImage]:
+    """Every stage, embedding included, in the worker; paths relative to ``root``."""
+    return _worker_mapper(root)(records)
+
+
+def prepare_in_worker(root: str, records: Sequence[ImageRecord]) -> list[PreparedImage]:
     """The CPU stages only; the caller embeds the crops in batches."""
-    if _WORKER_MAPPER is None:  # pragma: no cover - misuse
-        raise RuntimeError("worker not initialised")
-    return _WORKER_MAPPER.prepare(records)
+    return _worker_mapper(root).prepare(records)

@@ -43,9 +43,10 @@ from types import TracebackType
 from typing import Any, Sequence
 
 from data.records import ImageRecord
-from embedder.pipeline import PipelineConfig
+from embedder.pipeline import FacePipeline, PipelineConfig
 from embedder.runtime import configure_process
 from facesearch.errors import ConfigurationError, GalleryError
+from indexer.config import RunConfig
 from indexer.mapper import FaceMapper, FaceRow, Failure, MappedImage, PreparedImage
 from indexer.reader import Partition
 from indexer.runner import (
@@ -322,6 +323,9 @@ class RayEngine:
         return text
 
     # -- the run
+    def prestart(self, config: RunConfig, pipeline: FacePipeline) -> None:
+        """Nothing to start early: Ray's workers start with their first tasks."""
+
     def map_partitions(self, job: PartitionJob) -> RunSummary:
         ray = self._ray
         spec = TaskSpec(

