@@ -34,7 +34,7 @@ class PipelineConfig:
 
     detector: str = "dlib-hog"
     landmarks: str = "dlib-5"
-    embedder: str = "dlib-resnet-onnx"
+    embedder: str = "dlib-resnet-onnx-int8"
     flip: bool = False
     max_faces: int | None = None
     min_face: float = 0.0

@@ -46,7 +46,7 @@ from indexer.writer import write_partition
 log = logging.getLogger(__name__)
 
 #: Images per task sent to a worker.
-TASK_IMAGES = 4
+TASK_IMAGES = 16
 #: Faces per embedding call when the main process embeds (batched embedders).
 EMBED_BATCH = 64
 

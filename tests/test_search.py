@@ -25,7 +25,7 @@ def test_gallery_layout_and_ids(celeba_gallery):
     assert sorted(p.name for p in (out / "manifest").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
     info = json.loads((out / "gallery.json").read_text())
     assert info["embedding_dim"] == 128 and info["metric"] == "cosine"
-    assert info["pipeline"]["embedder"]["name"] == "dlib-resnet-onnx"
+    assert info["pipeline"]["embedder"]["name"] == "dlib-resnet-onnx-int8"
     assert info["counts"]["images"] == 300
     # Backend options are stored resolved, so later default changes cannot alter the gallery's pipeline.
     assert set(info["pipeline"]["config"]["detector_options"]) == {"upsample", "max_side", "min_score"}

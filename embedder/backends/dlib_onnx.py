@@ -64,6 +64,14 @@ class _GraphBuilder:
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
+    def act(self, x: str, like: str | None = None) -> str:
+        """An activation between layers; the int8 graph quantises it here (``like``:
+        share that tensor's quantisation, as poolings do)."""
+        return x
+
+    def conv(self, x: str, prefix: str, weight: np.ndarray, bias: np.ndarray, **attrs: Any) -> str:
+        return self.op("Conv", [x, self.const(f"{prefix}.w", weight), self.const(f"{prefix}.b", bias)], **attrs)
+
     def conv_affine(self, x: str, prefix: str, size: int) -> tuple[str, int]:
         """``affine<con<...>>``; returns the output and its spatial size."""
         weight = self.arrays[f"{prefix}.conv.weight"]
@@ -76,8 +84,7 @@ class _GraphBuilder:
         if self.fold_affine:  # (w x + b) g + beta = (w g) x + (b g + beta), folded in float64
             folded_w = (weight.astype(np.float64) * gamma.reshape(-1, 1, 1, 1)).astype(np.float32)
             folded_b = (bias.astype(np.float64) * gamma + beta).astype(np.float32)
-            y = self.op("Conv", [x, self.const(f"{prefix}.w", folded_w), self.const(f"{prefix}.b", folded_b)], **conv)
-            return y, _conv_out(size, k, stride, pad)
+            return self.conv(x, prefix, folded_w, folded_b, **conv), _conv_out(size, k, stride, pad)
         y = self.op("Conv", [x, self.const(f"{prefix}.w", weight), self.const(f"{prefix}.b", bias)], **conv)
         channels = weight.shape[0]
         y = self.op("Add", [self.op("Mul", [y, self.const(f"{prefix}.gamma", gamma.reshape(1, channels, 1, 1))]),
@@ -101,22 +108,26 @@ class _GraphBuilder:
         mean = self.arrays["input_mean"].astype(np.float32).reshape(1, 1, 1, 3)
         x = self.op("Sub", [x, self.const("input_mean", mean)])
         x = self.op("Div", [x, self.const("scale", np.array(256.0, dtype=np.float32))])
-        x = self.op("Transpose", [x], perm=[0, 3, 1, 2])
+        x = self.act(self.op("Transpose", [x], perm=[0, 3, 1, 2]))
         x, size = self.conv_affine(x, "stem", CHIP_SIZE)
-        x = self.op("MaxPool", [self.op("Relu", [x])], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0])
+        x = self.act(self.op("Relu", [x]))
+        x = self.act(self.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0]), like=x)
         size = _conv_out(size, 3, 2, 0)
         channels = 32
         for b, (cout, down) in enumerate(BLOCKS):
             y, ysize = self.conv_affine(x, f"blocks.{b}.unit1", size)
-            y, ysize = self.conv_affine(self.op("Relu", [y]), f"blocks.{b}.unit2", ysize)
+            y, ysize = self.conv_affine(self.act(self.op("Relu", [y])), f"blocks.{b}.unit2", ysize)
+            y = self.act(y)
             if down:
                 skip = self.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
+                skip = self.act(skip, like=x)
                 skip_size = _conv_out(size, 2, 2, 0)
             else:
                 skip, skip_size = x, size
             want = (max(cout, channels), max(ysize, skip_size))
-            x = self.op("Relu", [self.op("Add", [self.pad_to(y, (cout, ysize), want),
-                                                 self.pad_to(skip, (channels, skip_size), want)])])
+            added = self.op("Add", [self.act(self.pad_to(y, (cout, ysize), want)),
+                                    self.act(self.pad_to(skip, (channels, skip_size), want))])
+            x = self.act(self.op("Relu", [added]))
             channels, size = want
         x = self.op("ReduceMean", [x], axes=[2, 3], keepdims=0)
         fc = np.ascontiguousarray(self.arrays["fc.weight"].T)  # (in, out), as dlib stores it
@@ -132,6 +143,71 @@ class _GraphBuilder:
                                   producer_name="facesearch embedder.backends.dlib_onnx")
         model.ir_version = 8  # readable by onnxruntime >= 1.14
         return model
+
+
+def _uint8_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
+    """Scale and zero point of an activation range, as ONNX Runtime computes them for
+    asymmetric uint8: the range widened to hold 0, 255 steps."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = (high - low) / 255.0 if high > low else 1.0
+    zero = int(np.clip(np.round(-low / scale), 0, 255))
+    return np.float32(scale), np.uint8(zero)
+
+
+class _Int8GraphBuilder(_GraphBuilder):
+    """The folded graph with QDQ pairs (QuantizeLinear -> DequantizeLinear) on every
+    activation between layers and int8 weights behind a DequantizeLinear: ONNX
+    Runtime fuses each DequantizeLinear -> Conv -> QuantizeLinear into an integer
+    convolution (QLinearConv), Add likewise, and drops the ReLUs the uint8 ranges
+    already clip. Weights: symmetric int8, one scale per output channel (max |w| / 127);
+    biases: int32 at scale (input scale x weight scale). Tensor names are those of the
+    float graph, so that the calibrated ranges (keyed by them) apply; the extra
+    nodes and initializers are named after the tensor they serve."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], ranges: dict[str, tuple[float, float]]) -> None:
+        super().__init__(arrays, fold_affine=True)
+        self.ranges = ranges
+        self.scales: dict[str, np.float32] = {}  # dequantised tensor -> its scale
+        self.keys: dict[str, str] = {}  # dequantised tensor -> the float tensor whose range it uses
+
+    def _initializer(self, name: str, value: np.ndarray) -> str:
+        value = np.asarray(value)  # 0-d stays 0-d: per-tensor scales are scalars
+        self.initializers.append(self.numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
+        return name
+
+    def act(self, x: str, like: str | None = None) -> str:
+        if x in self.scales:  # already quantised (a pad that did nothing)
+            return x
+        key = self.keys[like] if like is not None else x
+        if key not in self.ranges:
+            raise KeyError(f"no calibrated range for tensor {key!r}: the graph changed since the ranges were "
+                           "measured (rerun scripts/calibrate_int8.py)")
+        scale, zero = _uint8_params(*self.ranges[key])
+        s, z = self._initializer(f"{x}_scale", np.array(scale)), self._initializer(f"{x}_zero_point", np.array(zero))
+        quantised, out = f"{x}_QuantizeLinear_Output", f"{x}_DequantizeLinear_Output"
+        self.nodes.append(self.helper.make_node("QuantizeLinear", [x, s, z], [quantised]))
+        self.nodes.append(self.helper.make_node("DequantizeLinear", [quantised, s, z], [out]))
+        self.scales[out], self.keys[out] = scale, key
+        return out
+
+    def _dequantized(self, name: str, values: np.ndarray, scales: np.ndarray, zero_dtype: type) -> str:
+        self._initializer(f"{name}_quantized", values)
+        self._initializer(f"{name}_scale", scales.astype(np.float32))
+        self._initializer(f"{name}_zero_point", np.zeros(len(scales), zero_dtype))
+        self.nodes.append(self.helper.make_node(
+            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [name], axis=0))
+        return name
+
+    def conv(self, x: str, prefix: str, weight: np.ndarray, bias: np.ndarray, **attrs: Any) -> str:
+        w_name, b_name = self.name(f"{prefix}.w"), self.name(f"{prefix}.b")  # the float graph's numbering
+        flat = np.abs(weight.reshape(len(weight), -1)).max(axis=1).astype(np.float32)
+        w_scale = np.where(flat > 0, flat / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+        w_q = np.clip(np.round(weight / w_scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        b_scale = (np.float32(self.scales[x]) * w_scale).astype(np.float32)
+        b_q = np.round(bias.astype(np.float64) / b_scale).astype(np.int32)
+        w = self._dequantized(w_name, w_q, w_scale, np.int8)
+        b = self._dequantized(b_name, b_q, b_scale, np.int32)
+        return self.op("Conv", [x, w, b], **attrs)
 
 
 def build_dlib_resnet_onnx(path: str | os.PathLike[str] | None = None, fold_affine: bool = False) -> bytes:
@@ -194,8 +270,9 @@ def _quantize_options() -> dict[str, Any]:
 
 
 def int8_supported() -> bool:
-    """True when onnxruntime's quantiser can take stored activation ranges (its
-    ``calibration_cache_path``, onnxruntime 1.32 and later)."""
+    """True when onnxruntime's quantiser can calibrate as :func:`calibrate_int8_ranges`
+    does (its ``calibration_cache_path``, onnxruntime 1.32 and later). Only calibration
+    needs it: the int8 graph itself is written without the quantiser."""
     import inspect
 
     try:
@@ -235,30 +312,16 @@ def calibrate_int8_ranges(chips: "np.ndarray", path: str | os.PathLike[str] | No
 
 def build_dlib_resnet_onnx_int8(ranges: dict[str, tuple[float, float]],
                                 path: str | os.PathLike[str] | None = None) -> bytes:
-    """The int8 graph of dlib's ResNet: the float graph with each ``affine`` folded
-    into its convolution, quantised by ONNX Runtime (QDQ: per-channel int8 weights,
-    uint8 activations with the given ``ranges``, see :func:`calibrate_int8_ranges`).
-    No calibration runs here: the ranges are data. Takes about 0.2 s.
+    """The int8 graph of dlib's ResNet (see ``_Int8GraphBuilder``): the folded graph
+    with per-channel int8 weights and uint8 activations quantised with ``ranges``
+    (see :func:`calibrate_int8_ranges`). No calibration and no quantisation tool runs
+    here: the ranges are data, the graph is written directly (about 0.1 s). Raises
+    ImportError without ``onnx`` and KeyError when ``ranges`` lacks a tensor."""
+    import onnx
 
-    Raises ImportError when ``onnx`` or ``onnxruntime.quantization`` is missing or
-    too old to take stored ranges (see :func:`int8_supported`)."""
-    import tempfile
-
-    if not int8_supported():
-        raise ImportError("onnxruntime.quantization cannot quantise from stored ranges (onnxruntime < 1.32)")
-    from onnxruntime import quantization as q
-
-    data = {name: q.TensorData(lowest=np.array([lo], np.float32), highest=np.array([hi], np.float32))
-            for name, (lo, hi) in ranges.items()}
-    with tempfile.TemporaryDirectory(prefix="facesearch-int8-") as tmp:
-        source, cache, target = (os.path.join(tmp, name) for name in ("float.onnx", "ranges.json", "int8.onnx"))
-        with open(source, "wb") as handle:
-            handle.write(build_dlib_resnet_onnx(path, fold_affine=True))
-        q.save_tensors_data(q.TensorsData(q.CalibrationMethod.MinMax, data), cache)
-        with _quiet_quantizer():
-            q.quantize_static(source, target, None, calibration_cache_path=cache, **_quantize_options())
-        with open(target, "rb") as handle:
-            return handle.read()
+    model = _Int8GraphBuilder(read_dlib_resnet(path), ranges).build()
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 __all__ = ["INT8_OPS", "INT8_RANGES", "OPSET", "build_dlib_resnet_onnx", "build_dlib_resnet_onnx_int8",
