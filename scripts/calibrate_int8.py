@@ -71,7 +71,7 @@ def main() -> None:
 
     header = json.dumps({
         "format": 1,
-        "method": "onnxruntime MinMax, per-tensor uint8 activations, per-channel int8 weights",
+        "method": "onnxruntime MinMax calibration of the float graph (affine folded); used for per-tensor uint8 activations",
         "onnxruntime": onnxruntime.__version__,
         "calibration": {"chips": len(chips), "faces_from": counts,
                         "note": "CelebA 000001-000032 (train split), the group photos, LFW people absent "

@@ -48,16 +48,20 @@ def test_no_process_left_after_a_run(tmp_path):
     assert _group(proc.pid) == []
 
 
-def test_no_process_left_after_ctrl_c(tmp_path):
-    proc = _start(tmp_path / "g", 400)
+@pytest.mark.parametrize("when", ["start-up", "mid-run"])
+def test_no_process_left_after_ctrl_c(tmp_path, when):
+    """Ctrl-C while the workers start and load their models (they start before the
+    dataset is listed), and while they map images: either way the command says it was
+    interrupted, exits 1 and leaves no process behind."""
+    proc = _start(tmp_path / "g", 2000)
     deadline = time.monotonic() + 120
-    # Wait for both workers (and the resource tracker) to be running, then press Ctrl-C:
+    # Wait for the workers (and the resource tracker) to be running, then press Ctrl-C:
     # the terminal sends SIGINT to the whole foreground process group.
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(psutil.Process(proc.pid).children()) >= 3:
+        if len(psutil.Process(proc.pid).children()) >= (2 if when == "start-up" else 3):
             break
-        time.sleep(0.1)
-    time.sleep(1.0)
+        time.sleep(0.02)
+    time.sleep(1.0 if when == "mid-run" else 0.0)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)

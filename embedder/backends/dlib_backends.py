@@ -427,11 +427,11 @@ class DlibResnetOnnxEmbedder(LazyModel):
 
 @register("embedder", "dlib-resnet-onnx-int8")
 class DlibResnetOnnxInt8Embedder(DlibResnetOnnxEmbedder):
-    """dlib's ResNet quantised to int8 (per-channel int8 weights, uint8 activations)
-    and run by ONNX Runtime on the CPU: about 2.2x faster than ``dlib-resnet-onnx``
-    on a CPU with VNNI, at a small cost in accuracy (cosine to dlib's embeddings about
-    0.9997 on average; BENCHMARKS.md gives the verification figures). Not equal to
-    dlib: a gallery must be queried with the embedder it was built with, which the
+    """dlib's ResNet quantised to int8 (per-channel 7-bit weights, uint8 activations)
+    and run by ONNX Runtime on the CPU, the default: about 2.2x faster than
+    ``dlib-resnet-onnx`` on a CPU with VNNI and as accurate on CelebA and LFW
+    (BENCHMARKS.md), but not equal to dlib (cosine to dlib's embeddings 0.9995 on
+    average). A gallery is queried with the embedder it was built with, which the
     gallery's recorded pipeline ensures.
 
     The int8 graph is written in memory at load (about 0.1 s, like the float one)
