@@ -91,15 +91,21 @@ class FacePipeline:
     # ------------------------------------------------------------------ stages
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Boxes and landmarks of the faces in ``image``, largest first."""
+        return self.locate(image, self.find_faces(image))
+
+    def find_faces(self, image: np.ndarray) -> list[Detection]:
+        """The detector stage alone: boxes, largest first, after ``min_face`` and ``max_faces``."""
         detections = [
             d for d in self.detector.detect(image) if min(d.width, d.height) >= self.config.min_face
         ]
         detections.sort(key=lambda d: (-d.area, d.box[0]))
         if self.config.max_faces is not None:
             detections = detections[: self.config.max_faces]
-        if not detections:
-            return []
-        return self.landmarker.landmarks(image, detections)
+        return detections
+
+    def locate(self, image: np.ndarray, boxes: Sequence[Detection]) -> list[Detection]:
+        """The landmark stage alone: ``boxes`` (from :meth:`find_faces`) with their landmarks."""
+        return self.landmarker.landmarks(image, boxes) if boxes else []
 
     def crops(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """The aligned crops the embedder needs, (N, H, W, 3) uint8."""

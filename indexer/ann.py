@@ -286,6 +286,13 @@ class Tuning:
                 "settings": dict(self.settings)}
 
 
+def _probes(nlist: int) -> list[int]:
+    """The nprobe ladder of an index of ``nlist`` lists, ending with all of them (a scan of
+    every list: the most an IVF index can give, which a ladder cut at nlist would miss
+    when nlist is not one of its steps)."""
+    return [p for p in NPROBE_LADDER if p < nlist] + [max(1, int(nlist))]
+
+
 def tune(kind: str, index: Any, queries: np.ndarray, truth: np.ndarray, k: int, target: float,
          store: VectorStore | None = None, rows_of: Any = None, exclude: Sequence[np.ndarray | None] | None = None) -> Tuning:
     """The cheapest search setting whose recall@k against exact search reaches ``target``
@@ -311,9 +318,9 @@ def tune(kind: str, index: Any, queries: np.ndarray, truth: np.ndarray, k: int, 
     if kind == "hnsw":
         ladders = [[{"efSearch": max(ef, k)} for ef in EF_LADDER]]
     elif kind == "ivf":
-        ladders = [[{"nprobe": p} for p in NPROBE_LADDER if p <= index.nlist] or [{"nprobe": 1}]]
+        ladders = [[{"nprobe": p} for p in _probes(index.nlist)]]
     else:
-        probes = [p for p in NPROBE_LADDER if p <= index.nlist] or [1]
+        probes = _probes(index.nlist)
         ladders = [[{"nprobe": p, "rerank": r} for p in probes] for r in RERANK_LADDER if r > k]
     best: tuple[dict[str, Any], float] | None = None
     reached: list[tuple[float, dict[str, Any], float]] = []

@@ -116,3 +116,12 @@ def test_stored_recall_matches_a_recomputation(celeba_gallery, tmp_path, kind):
     g = Gallery.load(gallery)
     hits = Searcher(g).search_vectors(g.embeddings()[:50], k=1)
     assert sum(r[0].face_id == f for r, f in zip(hits, g.face_ids[:50])) >= 48
+
+
+def test_the_nprobe_ladder_ends_with_a_scan_of_every_list():
+    """A small IVF index (7 lists) must be able to reach its exhaustive setting: a ladder
+    cut at the last step below nlist stopped at nprobe 4 of 7 and missed recall 0.97."""
+    assert ann._probes(7) == [1, 2, 4, 7]
+    assert ann._probes(16) == [1, 2, 4, 8, 12, 16]
+    assert ann._probes(1) == [1]
+    assert ann._probes(3162)[-1] == 3162 and ann._probes(3162)[-2] == 2048
